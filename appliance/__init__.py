@@ -1,0 +1,3 @@
+"""Bare-metal provisioning appliance."""
+
+__version__ = "0.1.0"

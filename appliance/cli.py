@@ -1,0 +1,220 @@
+"""The ``appliance`` command: run the daemon and manage subnets, reservations and machines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from appliance import __version__, inventory
+from appliance.config import Config, ConfigError, load_config
+from appliance.db import Database, current_revision, read_counters
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _print(args: argparse.Namespace, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(_table(rows, columns))
+
+
+# ---- commands -------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from appliance.daemon import serve
+
+    return serve(config, args.config, args.only)
+
+
+def cmd_run_part(args: argparse.Namespace, config: Config) -> int:
+    from appliance.daemon import run_part
+
+    return run_part(args.part, config)
+
+
+def cmd_db(args: argparse.Namespace, config: Config) -> int:
+    db = Database(config.effective_database_url)
+    if args.action == "upgrade":
+        db.migrate()
+    print(f"schema revision: {current_revision(db.engine) or '(empty database)'}")
+    return 0
+
+
+def cmd_subnet(args: argparse.Namespace, config: Config) -> int:
+    db = Database(config.effective_database_url)
+    with db.session() as session:
+        if args.action == "add":
+            dns = [d for d in (args.dns or "").split(",") if d.strip()]
+            subnet = inventory.add_subnet(
+                session, args.network, pool=args.pool, router=args.router, dns=dns,
+                domain=args.domain, lease_seconds=args.lease_time,
+                next_server=args.next_server)
+            print(f"subnet {subnet.network} added")
+        elif args.action == "delete":
+            inventory.delete_subnet(session, args.network)
+            print(f"subnet {args.network} deleted")
+        else:
+            rows = [inventory.as_dict(s) for s in inventory.list_subnets(session)]
+            _print(args, rows, ["network", "pool_start", "pool_end", "router", "dns_servers",
+                                "lease_seconds", "next_server"])
+    return 0
+
+
+def cmd_reservation(args: argparse.Namespace, config: Config) -> int:
+    db = Database(config.effective_database_url)
+    with db.session() as session:
+        if args.action == "add":
+            r = inventory.add_reservation(session, args.mac, args.ip, args.hostname)
+            print(f"{r.mac} reserved {r.ip}")
+        elif args.action == "delete":
+            inventory.delete_reservation(session, args.mac)
+            print(f"reservation of {args.mac} deleted")
+        else:
+            rows = [inventory.as_dict(r) for r in inventory.list_reservations(session)]
+            _print(args, rows, ["mac", "ip", "hostname"])
+    return 0
+
+
+def cmd_machines(args: argparse.Namespace, config: Config) -> int:
+    db = Database(config.effective_database_url)
+    with db.session() as session:
+        rows = [inventory.as_dict(m) for m in inventory.list_machines(session)]
+    _print(args, rows, ["mac", "state", "bootenv", "arch", "seen_on", "last_seen_at"])
+    return 0
+
+
+def cmd_leases(args: argparse.Namespace, config: Config) -> int:
+    db = Database(config.effective_database_url)
+    with db.session() as session:
+        rows = [inventory.as_dict(x) for x in inventory.list_leases(session, args.all)]
+    _print(args, rows, ["ip", "mac", "state", "hostname", "expires_at"])
+    return 0
+
+
+def cmd_events(args: argparse.Namespace, config: Config) -> int:
+    db = Database(config.effective_database_url)
+    with db.session() as session:
+        rows = []
+        for e in inventory.list_events(session, args.machine, args.limit):
+            row = inventory.as_dict(e)
+            row["mac"] = e.machine.mac if e.machine else None
+            rows.append(row)
+    _print(args, rows, ["at", "mac", "actor", "kind", "message"])
+    return 0
+
+
+def cmd_counters(args: argparse.Namespace, config: Config) -> int:
+    counters = read_counters(Database(config.effective_database_url))
+    if args.json:
+        print(json.dumps(counters, indent=2))
+    else:
+        rows = [{"part": p, "name": n, "value": v}
+                for p, values in counters.items() for n, v in values.items()]
+        print(_table(rows, ["part", "name", "value"]))
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="appliance", description="Bare-metal provisioning appliance.")
+    parser.add_argument("--config", help="configuration file (default: $APPLIANCE_CONFIG or "
+                        "/etc/appliance/appliance.toml)")
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("serve", cmd_serve, "run DHCP, TFTP and HTTP (the daemon)")
+    p.add_argument("--only", action="append", metavar="PART",
+                   help="run only this part (dhcp, tftp, http); repeatable")
+    p = sub.add_parser("run-part")  # internal: one part, started by `serve`
+    p.set_defaults(func=cmd_run_part)
+    p.add_argument("part")
+
+    p = command("db", cmd_db, "database schema")
+    p.add_argument("action", choices=["upgrade", "current"])
+
+    p = command("subnet", cmd_subnet, "DHCP subnets")
+    ssub = p.add_subparsers(dest="action", required=True)
+    a = ssub.add_parser("add", help="add a subnet")
+    a.add_argument("network", help="e.g. 10.0.0.0/24")
+    a.add_argument("--pool", help="dynamic range FIRST-LAST (omit: reservations only)")
+    a.add_argument("--router", help="default gateway (option 3)")
+    a.add_argument("--dns", help="DNS servers, comma separated (option 6)")
+    a.add_argument("--domain", default="", help="domain name (option 15)")
+    a.add_argument("--lease-time", type=int, default=3600, help="seconds (default 3600)")
+    a.add_argument("--next-server", help="appliance address machines on this subnet use")
+    d = ssub.add_parser("delete", help="delete a subnet")
+    d.add_argument("network")
+    ls = ssub.add_parser("list", help="list subnets")
+    ls.add_argument("--json", action="store_true")
+
+    p = command("reservation", cmd_reservation, "fixed addresses for MACs")
+    rsub = p.add_subparsers(dest="action", required=True)
+    a = rsub.add_parser("add", help="reserve an address for a MAC")
+    a.add_argument("mac")
+    a.add_argument("ip")
+    a.add_argument("--hostname")
+    d = rsub.add_parser("delete", help="delete a reservation")
+    d.add_argument("mac")
+    ls = rsub.add_parser("list", help="list reservations")
+    ls.add_argument("--json", action="store_true")
+
+    p = command("machines", cmd_machines, "list machines")
+    p.add_argument("--json", action="store_true")
+    p = command("leases", cmd_leases, "list active DHCP leases")
+    p.add_argument("--all", action="store_true", help="include released/expired/declined")
+    p.add_argument("--json", action="store_true")
+    p = command("events", cmd_events, "list recent events")
+    p.add_argument("--machine", metavar="MAC")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    p = command("counters", cmd_counters, "packet and transfer counters of the servers")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"appliance: configuration error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(config.log_level)
+    try:
+        return args.func(args, config)
+    except (inventory.InventoryError, ValueError) as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Configuration: a TOML file plus environment overrides; every setting has a safe default.
+
+Lookup order (later wins): built-in defaults < TOML file < environment.
+The file is ``$APPLIANCE_CONFIG`` or ``/etc/appliance/appliance.toml``; a missing default
+file is fine, a missing file that was asked for explicitly is an error.
+
+Environment overrides are ``APPLIANCE_<KEY>`` for top-level keys and
+``APPLIANCE_<SECTION>_<KEY>`` for keys in a section, e.g. ``APPLIANCE_HTTP_PORT=8081``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.toml")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type, or unknown."""
+
+
+@dataclass
+class HttpConfig:
+    enabled: bool = True
+    bind: str = "0.0.0.0"
+    port: int = 8080
+    workers: int = 2
+    #: Threads per worker: each concurrent download holds one.
+    threads: int = 32
+    access_log: bool = False
+    #: Address machines use to reach this appliance in URLs handed out by DHCP and
+    #: scripts. Empty: the address the DHCP request arrived on.
+    public_address: str = ""
+
+
+@dataclass
+class TftpConfig:
+    enabled: bool = True
+    bind: str = "0.0.0.0"
+    port: int = 69
+    #: Directory of boot loaders served over TFTP (Debian's ``ipxe`` package).
+    root: str = "/usr/lib/ipxe"
+    #: Seconds to wait for an ACK before retransmitting.
+    timeout: float = 2.0
+    retries: int = 5
+    #: Worker processes sharing the port (SO_REUSEPORT); 0: one per CPU, 1: in-process.
+    workers: int = 0
+    #: Largest block size granted to a client asking for more (RFC 2348 allows 65464).
+    max_blksize: int = 65464
+    #: Colon-separated paths outside ``root`` that symlinks inside ``root`` may point to
+    #: (files, or directories and everything below). Debian's ``ipxe`` package ships
+    #: ``ipxe.efi`` and ``ipxe.lkrn`` as symlinks into /boot. Empty: no escaping symlinks.
+    symlink_targets: str = "/boot/ipxe.efi:/boot/ipxe.lkrn"
+
+
+@dataclass
+class DhcpConfig:
+    enabled: bool = True
+    #: ``server``: hand out addresses from the subnets in the database.
+    #: ``proxy``: another DHCP server hands out addresses, we only answer PXE clients.
+    mode: str = "server"
+    #: Interface to serve on (SO_BINDTODEVICE); empty serves every interface.
+    interface: str = ""
+    bind: str = "0.0.0.0"
+    port: int = 67
+    #: Seconds an OFFER holds its address before the address can be offered again.
+    offer_hold_seconds: int = 30
+    #: Boot loader file names, relative to the TFTP root.
+    bios_loader: str = "undionly.kpxe"
+    uefi_loader: str = "ipxe.efi"
+
+
+@dataclass
+class BootConfig:
+    #: Directory of boot environment definitions (``*.yaml``); empty: the shipped ones.
+    bootenvs_dir: str = ""
+    #: Directory of Jinja2 templates; empty: the shipped ones.
+    templates_dir: str = ""
+    #: BIOS machines whose NIC ROM is some other iPXE build first load the appliance's
+    #: ``undionly.kpxe`` over TFTP, so every BIOS machine runs the same iPXE.
+    reload_ipxe_bios: bool = False
+
+
+@dataclass
+class Config:
+    state_dir: str = "/var/lib/appliance"
+    #: SQLAlchemy URL; empty means embedded SQLite at ``<state_dir>/appliance.db``.
+    database_url: str = ""
+    log_level: str = "INFO"
+    http: HttpConfig = field(default_factory=HttpConfig)
+    tftp: TftpConfig = field(default_factory=TftpConfig)
+    dhcp: DhcpConfig = field(default_factory=DhcpConfig)
+    boot: BootConfig = field(default_factory=BootConfig)
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{Path(self.state_dir) / 'appliance.db'}"
+
+    @property
+    def images_dir(self) -> Path:
+        """Kernels, initrds and OS images served over HTTP under ``/images/``."""
+        return Path(self.state_dir) / "images"
+
+    def validate(self) -> None:
+        if self.dhcp.mode not in ("server", "proxy"):
+            raise ConfigError(f"dhcp.mode: must be 'server' or 'proxy', not {self.dhcp.mode!r}")
+        for section, port in (("http", self.http.port), ("tftp", self.tftp.port),
+                              ("dhcp", self.dhcp.port)):
+            if not 0 < port < 65536:
+                raise ConfigError(f"{section}.port: {port} is not a valid port")
+        if self.http.workers < 1:
+            raise ConfigError("http.workers: must be at least 1")
+        if self.tftp.workers < 0:
+            raise ConfigError("tftp.workers: must be 0 (one per CPU) or more")
+        if not 8 <= self.tftp.max_blksize <= 65464:
+            raise ConfigError("tftp.max_blksize: must be between 8 and 65464")
+        if self.tftp.timeout <= 0 or self.tftp.retries < 0:
+            raise ConfigError("tftp.timeout must be positive and tftp.retries not negative")
+        if self.http.threads < 1:
+            raise ConfigError("http.threads: must be at least 1")
+
+
+def _coerce(where: str, value: Any, default: Any) -> Any:
+    """Convert ``value`` (from TOML or the environment) to the type of ``default``."""
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        try:
+            return kind(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str) -> None:
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{where}: unknown setting")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a [{key}] table")
+            _apply(current, value, f"{where}.")
+        else:
+            setattr(obj, key, _coerce(where, value, current))
+
+
+def _env_overrides(obj: Any, env: dict[str, str], prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        current = getattr(obj, f.name)
+        name = f"{prefix}{f.name.upper()}"
+        if dataclasses.is_dataclass(current):
+            _env_overrides(current, env, f"{name}_")
+        elif name in env:
+            setattr(obj, f.name, _coerce(name, env[name], current))
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+    """Load the configuration; raises ConfigError naming the bad setting."""
+    env = dict(os.environ) if env is None else env
+    explicit = path is not None or "APPLIANCE_CONFIG" in env
+    config_path = Path(path or env.get("APPLIANCE_CONFIG") or DEFAULT_CONFIG_PATH)
+    config = Config()
+    if config_path.exists():
+        try:
+            data = tomllib.loads(config_path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_path}: {exc}") from None
+        _apply(config, data, "")
+    elif explicit:
+        raise ConfigError(f"{config_path}: configuration file not found")
+    _env_overrides(config, env, "APPLIANCE_")
+    config.validate()
+    return config

@@ -1,0 +1,134 @@
+"""The database schema. Every change here needs an Alembic migration in migrations/versions."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Subnet(Base):
+    """An IPv4 subnet the DHCP server hands addresses out on (directly or via a relay)."""
+
+    __tablename__ = "subnets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    network: Mapped[str] = mapped_column(String(43), unique=True)  # "10.0.0.0/24"
+    pool_start: Mapped[str | None] = mapped_column(String(15))
+    pool_end: Mapped[str | None] = mapped_column(String(15))
+    router: Mapped[str | None] = mapped_column(String(15))
+    dns_servers: Mapped[str] = mapped_column(String(255), default="")  # comma separated
+    domain_name: Mapped[str] = mapped_column(String(255), default="")
+    lease_seconds: Mapped[int] = mapped_column(Integer, default=3600)
+    #: Address of the appliance as machines on this subnet see it (TFTP next-server and
+    #: HTTP URLs). Empty: the address the request arrived on, or http.public_address.
+    next_server: Mapped[str | None] = mapped_column(String(15))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    reservations: Mapped[list[Reservation]] = relationship(back_populates="subnet")
+
+
+class Reservation(Base):
+    """A fixed address for one MAC."""
+
+    __tablename__ = "reservations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mac: Mapped[str] = mapped_column(String(17), unique=True)
+    ip: Mapped[str] = mapped_column(String(15), unique=True)
+    hostname: Mapped[str | None] = mapped_column(String(255))
+    subnet_id: Mapped[int] = mapped_column(ForeignKey("subnets.id", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    subnet: Mapped[Subnet] = relationship(back_populates="reservations")
+
+
+class Lease(Base):
+    """One address's binding. A row per address ever handed out; state says if it is live."""
+
+    __tablename__ = "leases"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    ip: Mapped[str] = mapped_column(String(15), unique=True)
+    mac: Mapped[str] = mapped_column(String(17), index=True)
+    subnet_id: Mapped[int] = mapped_column(ForeignKey("subnets.id", ondelete="CASCADE"))
+    #: offered | bound | released | declined
+    state: Mapped[str] = mapped_column(String(16))
+    hostname: Mapped[str | None] = mapped_column(String(255))
+    client_id: Mapped[str | None] = mapped_column(String(255))
+    starts_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class Machine(Base):
+    """A machine known to the appliance, first seen by DHCP or HTTP boot."""
+
+    __tablename__ = "machines"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mac: Mapped[str] = mapped_column(String(17), unique=True)
+    hostname: Mapped[str | None] = mapped_column(String(255))
+    #: discovered | available | provisioning | installing | ready | failed
+    state: Mapped[str] = mapped_column(String(32), default="discovered")
+    #: Boot environment the next boot gets (``discovery`` for unknown machines).
+    bootenv: Mapped[str] = mapped_column(String(64), default="discovery")
+    #: Client system architecture (DHCP option 93), e.g. "bios", "uefi-x64".
+    arch: Mapped[str | None] = mapped_column(String(32))
+    first_seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    #: Where it was seen: interface name, or "relay <giaddr>", or "http <address>".
+    seen_on: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    events: Mapped[list[Event]] = relationship(back_populates="machine")
+
+
+class Event(Base):
+    """Something that happened: who, when, what, why."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    machine_id: Mapped[int | None] = mapped_column(
+        ForeignKey("machines.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text, default="")
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    machine: Mapped[Machine | None] = relationship(back_populates="events")
+
+
+class Counter(Base):
+    """Running totals a server part publishes (packets answered, dropped, ...)."""
+
+    __tablename__ = "counters"
+    __table_args__ = (UniqueConstraint("part", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    part: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)

@@ -1,0 +1,85 @@
+"""Endpoints machines use while booting: iPXE scripts, check-ins, kernels and loaders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flask import Blueprint, Response, abort, request
+
+from appliance.bootscript import BootTarget, render_boot_script
+from appliance.lifecycle import record_event, record_seen
+from appliance.mac import normalize_mac
+from appliance.web import state
+from appliance.web.files import send_path
+
+log = logging.getLogger("appliance.http")
+
+boot = Blueprint("boot", __name__)
+
+
+def _mac_or_404(text: str) -> str:
+    try:
+        return normalize_mac(text)
+    except ValueError:
+        abort(404)
+
+
+def _target() -> BootTarget:
+    config = state().config
+    if config.http.public_address:
+        host = config.http.public_address
+        base = f"http://{host}:{config.http.port}"
+    else:
+        host = request.host.rsplit(":", 1)[0] if ":" in request.host else request.host
+        base = f"http://{request.host}"
+    return BootTarget(base_url=base, server=host)
+
+
+@boot.get("/boot/<mac>.ipxe")
+def ipxe_script(mac: str) -> Response:
+    mac = _mac_or_404(mac)
+    st = state()
+    with st.db.session() as session:
+        machine = record_seen(session, mac, f"http {request.remote_addr}", actor="http")
+        script, error = render_boot_script(st.config, st.renderer, st.bootenvs, machine,
+                                           _target())
+        if error:
+            record_event(session, machine, "http", "boot-script-error", error)
+            log.error("boot script for %s: %s", mac, error)
+        else:
+            record_event(session, machine, "http", "boot-script",
+                         f"served boot script for bootenv {machine.bootenv}",
+                         {"bootenv": machine.bootenv, "client": request.remote_addr})
+    return Response(script, mimetype="text/plain")
+
+
+@boot.route("/boot/<mac>/checkin", methods=["GET", "POST"])
+def checkin(mac: str) -> Response:
+    """A booted image reports in (the discovery image calls this)."""
+    mac = _mac_or_404(mac)
+    stage = request.values.get("stage", "")[:64]
+    with state().db.session() as session:
+        machine = record_seen(session, mac, f"http {request.remote_addr}", actor="http")
+        record_event(session, machine, "machine", "checkin",
+                     f"checked in from {request.remote_addr}" + (f" ({stage})" if stage else ""),
+                     {"stage": stage, "client": request.remote_addr})
+    return Response("ok\n", mimetype="text/plain")
+
+
+@boot.get("/images/<path:relative>")
+@boot.route("/images/<path:relative>", methods=["HEAD"])
+def images(relative: str) -> Response:
+    return send_path(state().config.images_dir, relative)
+
+
+@boot.get("/tftp/<path:relative>")
+@boot.route("/tftp/<path:relative>", methods=["HEAD"])
+def tftp_root_over_http(relative: str) -> Response:
+    """The TFTP root (boot loaders) over HTTP, for UEFI HTTP boot clients."""
+    return send_path(Path(state().config.tftp.root), relative)
+
+
+@boot.get("/healthz")
+def healthz() -> Response:
+    return Response("ok\n", mimetype="text/plain")

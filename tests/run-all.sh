@@ -1,0 +1,55 @@
+#!/bin/bash
+# The test command (README "Test"): as root on Debian 12, installs every system package
+# the tests need, the appliance into a virtualenv (.venv), starts a PostgreSQL server
+# for the database tests, and runs the whole suite: lint, unit, integration, e2e.
+# Extra arguments go to pytest (e.g. tests/run-all.sh -k dhcp).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+  echo "tests/run-all.sh: run as root (sudo): tests create network namespaces and VMs" >&2
+  exit 2
+fi
+
+packages=(
+  python3 python3-venv python3-pip iproute2 curl ca-certificates
+  busybox-static udhcpc isc-dhcp-client dnsmasq-base          # DHCP clients and peer
+  tftp-hpa atftp tftpd-hpa                                     # TFTP clients and peer
+  kea-dhcp4-server kea-admin                                   # Kea + perfdhcp (bench)
+  postgresql                                                   # database tests
+  qemu-system-x86 qemu-utils ipxe ipxe-qemu ovmf cpio kmod     # e2e VM boots
+  libpcap0.8                                                   # scapy sniffing
+)
+export DEBIAN_FRONTEND=noninteractive
+# Packages with services (tftpd-hpa, kea, postgresql) must not start them on the host:
+# the tests run their own instances inside namespaces. PostgreSQL is started below.
+policy=/usr/sbin/policy-rc.d
+created_policy=0
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"; created_policy=1
+fi
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${packages[@]}"
+[ "$created_policy" = 1 ] && rm -f "$policy"
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'
+
+# PostgreSQL: the lease tests run on it as well as on SQLite.
+cluster=$(pg_lsclusters -h | awk 'NR==1 {print $1" "$2}')
+if [ -z "$cluster" ]; then
+  pg_createcluster 15 main >/dev/null
+  cluster="15 main"
+fi
+# shellcheck disable=SC2086
+pg_ctlcluster $cluster start 2>/dev/null || true
+port=$(pg_lsclusters -h | awk 'NR==1 {print $3}')
+su postgres -c "psql -q -p $port -tc \"SELECT 1 FROM pg_roles WHERE rolname='appliance_test'\"" \
+  | grep -q 1 || su postgres -c "psql -q -p $port -c \"CREATE ROLE appliance_test LOGIN \
+  CREATEDB PASSWORD 'appliance_test'\""
+export APPLIANCE_TEST_PG_URL="postgresql://appliance_test:appliance_test@127.0.0.1:$port/postgres"
+
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest tests/unit tests/integration tests/e2e "$@"
