@@ -54,6 +54,13 @@ def ipxe_script(mac: str) -> Response:
     return Response(script, mimetype="text/plain")
 
 
+@boot.get("/boot.ipxe")
+def chain_by_mac() -> Response:
+    """One fixed URL for any machine (for DHCP servers we do not run): chains by MAC."""
+    script = f"#!ipxe\nchain --autofree {_target().base_url}/boot/${{mac}}.ipxe\n"
+    return Response(script, mimetype="text/plain")
+
+
 @boot.route("/boot/<mac>/checkin", methods=["GET", "POST"])
 def checkin(mac: str) -> Response:
     """A booted image reports in (the discovery image calls this)."""

@@ -90,3 +90,8 @@ def test_images_range(app, header, status, body_range) -> None:  # type: ignore[
                                   "/images/nothing"])
 def test_images_outside_root_or_missing_is_404(app, path) -> None:  # type: ignore[no-untyped-def]
     assert app.test_client().get(path).status_code == 404
+
+
+def test_generic_script_chains_by_mac(app) -> None:  # type: ignore[no-untyped-def]
+    body = app.test_client().get("/boot.ipxe", base_url="http://10.0.0.1:8080").text
+    assert body == "#!ipxe\nchain --autofree http://10.0.0.1:8080/boot/${mac}.ipxe\n"
