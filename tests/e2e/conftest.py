@@ -1,0 +1,83 @@
+"""Fixtures of the VM boot tests: the discovery image (built once, cached outside the
+repository), the accelerator (TCG unless KVM is asked for and proven to boot), and a
+summary of what ran at the end of the pytest output."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_root
+from tests.e2e import vm
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO / "images" / "build-discovery.sh"
+
+#: Lines printed in the terminal summary (accelerator, boot times).
+SUMMARY: list[str] = []
+
+
+def say(config: pytest.Config, line: str) -> None:
+    """Print a line now, even with output capture on, and again in the summary."""
+    SUMMARY.append(line)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line(line)
+    else:
+        print(line)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    if SUMMARY:
+        terminalreporter.section("e2e")
+        for line in SUMMARY:
+            terminalreporter.write_line(line)
+
+
+def _missing_or_skip(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"e2e prerequisite missing: {what}")
+    pytest.skip(f"e2e prerequisite missing: {what}")
+
+
+@pytest.fixture(scope="session")
+def vm_host() -> None:
+    """Root, QEMU, OVMF and Debian's iPXE loaders are there (CI fails, a developer skips)."""
+    require_root()
+    if shutil.which(vm.QEMU) is None:
+        _missing_or_skip("qemu-system-x86_64 (apt-get install qemu-system-x86)")
+    for path, pkg in ((vm.OVMF_CODE, "ovmf"), (vm.OVMF_VARS, "ovmf"),
+                      (Path("/usr/lib/ipxe/undionly.kpxe"), "ipxe"),
+                      (Path("/usr/lib/ipxe/ipxe.efi"), "ipxe"),
+                      (Path("/usr/lib/ipxe/qemu/pxe-virtio.rom"), "ipxe-qemu")):
+        if not path.exists():
+            _missing_or_skip(f"{path} (apt-get install {pkg})")
+
+
+@pytest.fixture(scope="session")
+def discovery_images(vm_host, tmp_path_factory, pytestconfig) -> Path:  # type: ignore[no-untyped-def]
+    """vmlinuz + initrd.img built by images/build-discovery.sh (cached across runs in
+    $APPLIANCE_BUILD_CACHE, default /var/cache/appliance-build)."""
+    out = tmp_path_factory.mktemp("discovery-images")
+    proc = subprocess.run(["bash", str(BUILD_SCRIPT), str(out)], capture_output=True,
+                          text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"{BUILD_SCRIPT} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    for line in proc.stdout.split("\n"):
+        if line.strip():
+            say(pytestconfig, f"e2e: discovery image {line.strip()}")
+    for name in ("vmlinuz", "initrd.img"):
+        assert (out / name).stat().st_size > 0, f"{name} not built"
+    return out
+
+
+@pytest.fixture(scope="session")
+def accel(discovery_images, tmp_path_factory, pytestconfig) -> vm.Accel:  # type: ignore[no-untyped-def]
+    chosen = vm.choose_accel(discovery_images, tmp_path_factory.mktemp("accel-probe"))
+    say(pytestconfig, chosen.banner())
+    return chosen
