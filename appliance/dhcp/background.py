@@ -1,0 +1,126 @@
+"""Database work beside the packets: registering seen machines, publishing counters,
+noticing subnet/reservation changes made by the CLI or API."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable
+
+from appliance.db import Database, publish_counters
+from appliance.dhcp.leases import SubnetInfo
+from appliance.dhcp.stats import Counters
+from appliance.dhcp.store import load_subnets, subnet_signature
+from appliance.lifecycle import record_seen
+
+log = logging.getLogger("appliance.dhcp")
+
+SEEN_INTERVAL = 60.0  # register / touch a MAC at most once a minute
+SEEN_BATCH = 10  # machines per transaction (keeps SQLite's write lock short)
+SEEN_QUEUE = 10000
+
+
+class SeenRecorder:
+    """Calls ``lifecycle.record_seen`` for each client, at most once per MAC a minute.
+
+    ``note`` is called on the packet path: a dict lookup, and a queue put once a minute
+    per MAC. The database work happens in ``flush``, a few machines at a time.
+    """
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+        self.last: dict[str, float] = {}
+        self.queue: queue.Queue[tuple[str, str, str | None]] = queue.Queue(SEEN_QUEUE)
+
+    def due(self, mac: str) -> bool:
+        """Is it time to record ``mac`` again? (cheap; call before building ``note``'s
+        arguments)"""
+        return time.monotonic() - self.last.get(mac, -SEEN_INTERVAL) >= SEEN_INTERVAL
+
+    def note(self, mac: str, seen_on: str, arch: str | None) -> None:
+        now = time.monotonic()
+        if now - self.last.get(mac, -SEEN_INTERVAL) < SEEN_INTERVAL:
+            return
+        try:
+            self.queue.put_nowait((mac, seen_on, arch))
+        except queue.Full:
+            self.counters.inc("seen_dropped")
+            return
+        if len(self.last) > 200000:
+            self.last.clear()
+        self.last[mac] = now
+        self.counters.inc("seen_queued")
+
+    def flush(self, db: Database, budget: float = 0.05, batch_size: int = SEEN_BATCH) -> None:
+        """Record queued machines in small transactions until ``budget`` seconds pass."""
+        deadline = time.monotonic() + budget
+        while time.monotonic() < deadline:
+            batch: dict[str, tuple[str, str | None]] = {}
+            while len(batch) < batch_size:
+                try:
+                    mac, seen_on, arch = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                batch[mac] = (seen_on, arch)
+            if not batch:
+                return
+            try:
+                with db.session() as s:
+                    for mac, (seen_on, arch) in batch.items():
+                        record_seen(s, mac, seen_on[:64], "dhcp", arch)
+            except Exception:
+                log.exception("could not record %d seen machine(s)", len(batch))
+
+
+class Housekeeper:
+    """Periodic database work, done by the packet loop between batches in small slices
+    (one thread does all of the part's database work: it never waits for itself on
+    SQLite's write lock, and no thread starves another of the GIL): register seen
+    machines, publish counters, reload subnets when they changed."""
+
+    def __init__(self, db: Database, counters: Counters, recorder: SeenRecorder,
+                 on_subnets: Callable[[list[SubnetInfo]], None] | None,
+                 interval: float = 5.0, signature: object = None) -> None:
+        self.db = db
+        self.counters = counters
+        self.recorder = recorder
+        self.on_subnets = on_subnets
+        self.interval = interval
+        self.signature = signature
+        self.next_tick = time.monotonic() + interval
+
+    def publish(self) -> None:
+        try:
+            publish_counters(self.db, "dhcp", self.counters.snapshot())
+        except Exception:
+            log.exception("could not publish DHCP counters")
+
+    def check_subnets(self) -> None:
+        if self.on_subnets is None:
+            return
+        try:
+            sig = subnet_signature(self.db)
+            if sig != self.signature:
+                subnets = load_subnets(self.db)
+                self.signature = sig
+                self.on_subnets(subnets)
+        except Exception:
+            log.exception("could not reload subnets")
+
+    def idle(self, budget: float) -> float:
+        """A slice of work of about ``budget`` seconds (plus the periodic tasks due);
+        returns the time spent."""
+        start = time.monotonic()
+        if budget > 0:
+            self.recorder.flush(self.db, budget,
+                                batch_size=SEEN_BATCH if budget >= 0.02 else 1)
+        if time.monotonic() >= self.next_tick:
+            self.publish()
+            self.check_subnets()
+            self.next_tick = time.monotonic() + self.interval
+        return time.monotonic() - start
+
+    def final(self) -> None:
+        self.recorder.flush(self.db, budget=2.0)
+        self.publish()
