@@ -27,21 +27,26 @@ def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def
 
 
 def _pg_admin_url() -> str | None:
-    """PostgreSQL server for tests, from APPLIANCE_TEST_PG_URL (set by tests/run-all.sh)."""
+    """PostgreSQL server for tests, from APPLIANCE_TEST_PG_URL (set by tests/run-all.sh).
+
+    Use a Unix-socket URL (``?host=/var/run/postgresql``) so an appliance inside a network
+    namespace reaches the server too.
+    """
     return os.environ.get("APPLIANCE_TEST_PG_URL")
 
 
 def _fresh_pg_database(admin_url: str) -> str:
     """Create an empty database on the test PostgreSQL server; return its URL."""
     from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
 
     name = f"aptest_{secrets.token_hex(4)}"
-    driver_url = admin_url.replace("postgresql://", "postgresql+psycopg://", 1)
-    engine = create_engine(driver_url, isolation_level="AUTOCOMMIT")
+    url = make_url(admin_url).set(drivername="postgresql+psycopg")
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     engine.dispose()
-    return admin_url.rsplit("/", 1)[0] + "/" + name
+    return url.set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

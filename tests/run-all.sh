@@ -46,10 +46,11 @@ fi
 # shellcheck disable=SC2086
 pg_ctlcluster $cluster start 2>/dev/null || true
 port=$(pg_lsclusters -h | awk 'NR==1 {print $3}')
-su postgres -c "psql -q -p $port -tc \"SELECT 1 FROM pg_roles WHERE rolname='appliance_test'\"" \
-  | grep -q 1 || su postgres -c "psql -q -p $port -c \"CREATE ROLE appliance_test LOGIN \
-  CREATEDB PASSWORD 'appliance_test'\""
-export APPLIANCE_TEST_PG_URL="postgresql://appliance_test:appliance_test@127.0.0.1:$port/postgres"
+# Tests connect as root over the Unix socket (peer authentication): the socket is a file,
+# so the appliance reaches it from inside any network namespace.
+su postgres -c "psql -q -p $port -tc \"SELECT 1 FROM pg_roles WHERE rolname='root'\"" \
+  | grep -q 1 || su postgres -c "psql -q -p $port -c 'CREATE ROLE root LOGIN CREATEDB'"
+export APPLIANCE_TEST_PG_URL="postgresql://root@/postgres?host=/var/run/postgresql&port=$port"
 
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest tests/unit tests/integration tests/e2e "$@"

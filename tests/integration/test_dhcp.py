@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import sys
-import tempfile
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,12 +100,10 @@ def broadcast_ip(payload: bytes) -> bytes:
 class Rig:
     """The appliance namespace, a client namespace on 10.250.2.0/24, optionally a relay."""
 
-    def __init__(self, server: netns.Namespace, tmp: Path, db_url: str,
-                 inside_url: str | None = None) -> None:
+    def __init__(self, server: netns.Namespace, tmp: Path, db_url: str) -> None:
         self.server = server
         self.tmp = tmp
         self.db_url = db_url
-        self.inside_url = inside_url or db_url  # as the appliance in the namespace sees it
         self.db = Database(db_url)
         self.db.migrate()
         self.client = netns.new_namespace()
@@ -140,7 +134,7 @@ class Rig:
     def start(self, mode: str = "server") -> ApplianceProcess:
         toml = textwrap.dedent(f"""
             state_dir = "{self.tmp / 'state'}"
-            database_url = "{self.inside_url}"
+            database_url = "{self.db_url}"
             log_level = "INFO"
             [http]
             port = 8080
@@ -169,88 +163,16 @@ class Rig:
 
 
 @pytest.fixture
-def rig(namespace: netns.Namespace, tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(namespace, tmp_path, f"sqlite:///{tmp_path / 'appliance.db'}")
+def rig(namespace: netns.Namespace, tmp_path: Path, database_url: str) -> Iterator[Rig]:
+    """The rig on SQLite and on PostgreSQL (over its Unix socket, reachable from namespaces):
+    every lease test runs on both."""
+    r = Rig(namespace, tmp_path, database_url)
     try:
         yield r
     finally:
         r.close()
         if r.app is not None:
             print(r.app.log()[-4000:])
-
-
-class UnixToTcp(threading.Thread):
-    """Forward a Unix socket to a TCP address in the host's network namespace.
-
-    PostgreSQL listens on the host's 127.0.0.1, which a process inside a network
-    namespace cannot reach; a Unix socket is reachable from any namespace (it lives in
-    the file system), so the appliance in the namespace connects through this.
-    """
-
-    def __init__(self, directory: Path, host: str, port: int) -> None:
-        super().__init__(daemon=True)
-        self.path = directory / f".s.PGSQL.{port}"
-        self.target = (host, port)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(self.path))
-        self.listener.listen(64)
-        self.listener.settimeout(0.2)
-        self.stopping = threading.Event()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(5)
-        self.listener.close()
-
-
-@pytest.fixture
-def rig_db(namespace: netns.Namespace, tmp_path: Path, database_url: str) -> Iterator[Rig]:
-    """A rig on SQLite and on PostgreSQL (reached from the namespace via a Unix socket)."""
-    from sqlalchemy.engine import make_url
-
-    forwarder = None
-    url = make_url(database_url)
-    inside_url = database_url
-    if url.get_backend_name() == "postgresql":
-        sockdir = Path(tempfile.mkdtemp(prefix="appg"))
-        forwarder = UnixToTcp(sockdir, url.host or "127.0.0.1", url.port or 5432)
-        forwarder.start()
-        inside_url = url.set(host=None, port=None, query={"host": str(sockdir)}).render_as_string(
-            hide_password=False)
-    r = Rig(namespace, tmp_path, database_url, inside_url)
-    try:
-        yield r
-    finally:
-        r.close()
-        if forwarder is not None:
-            forwarder.stop()
-            shutil.rmtree(forwarder.path.parent, ignore_errors=True)
 
 
 # -- real clients ---------------------------------------------------------------------
@@ -420,9 +342,7 @@ def test_relayed_request_gets_address_from_giaddr_subnet(rig: Rig) -> None:
     assert got == []
 
 
-@pytest.mark.usefixtures("database_url")
-def test_leases_survive_restart(rig_db: Rig, tmp_path: Path) -> None:
-    rig = rig_db
+def test_leases_survive_restart(rig: Rig, tmp_path: Path) -> None:
     rig.add_subnet("10.250.2.0/24", "10.250.2.100", "10.250.2.150")
     rig.start()
     set_mac(rig.client, "52:54:00:44:00:01")
