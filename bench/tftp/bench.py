@@ -4,6 +4,7 @@
 Run as root from the repository root:
 
     python bench/tftp/bench.py [--reps 3] [--stock-tftpy] [--workers N]
+                               [--clients 100 [--clients 20]] [--no-big]
 
 It creates two network namespaces joined by a veth pair (server side 10.250.3x.1, client
 side 10.250.3x.2; one /24 per server so every server listens on port 69 of its own
@@ -183,7 +184,13 @@ class Bench:
         rows = []
         deadline = time.monotonic() + self.args.max_seconds
         for file, size_mib, n in CASES:
+            if self.args.clients and n not in self.args.clients:
+                continue
+            if self.args.no_big and size_mib > 1:
+                continue
             for bs in BLKSIZES:
+                if self.args.blksize_only and bs not in self.args.blksize_only:
+                    continue
                 row = {"file": f"{size_mib} MiB", "clients": n, "blksize": bs}
                 samples: dict[str, list[float]] = {s: [] for s in self.servers()}
                 failures = dict.fromkeys(self.servers(), 0)
@@ -277,6 +284,12 @@ def main() -> int:
                     help="appliance tftp.workers (0: one per CPU)")
     ap.add_argument("--stock-tftpy", action="store_true",
                     help="also measure tftpy's unmodified TftpServer")
+    ap.add_argument("--clients", type=int, action="append", default=[],
+                    help="only the cases with this many clients (repeatable; e.g. "
+                    "--clients 100 for quick iteration)")
+    ap.add_argument("--no-big", action="store_true", help="skip the 32 MiB cases")
+    ap.add_argument("--blksize-only", type=int, action="append", default=[],
+                    help="only this blksize (repeatable: 512, 1468)")
     ap.add_argument("--case-timeout", type=float, default=180)
     ap.add_argument("--max-seconds", type=float, default=1500, help="whole-run time budget")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
