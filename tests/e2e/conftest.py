@@ -1,5 +1,5 @@
 """Fixtures of the VM boot tests: the discovery image (built once, cached outside the
-repository), the accelerator (TCG unless KVM is asked for and proven to boot), and a
+repository), the accelerator (KVM if a probe boot proves it works, else TCG), and a
 summary of what ran at the end of the pytest output."""
 
 from __future__ import annotations
