@@ -9,6 +9,9 @@ def test_migrate_is_idempotent_and_counters_roundtrip(database_url: str) -> None
     db.migrate()
     db.migrate()
     assert current_revision(db.engine) == "0001"
+    if database_url.startswith("sqlite"):
+        with db.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     tables = set(inspect(db.engine).get_table_names())
     assert {"subnets", "reservations", "leases", "machines", "events", "counters"} <= tables
     publish_counters(db, "dhcp", {"received": 3, "dropped_malformed": 1})
