@@ -4,8 +4,8 @@ noticing subnet/reservation changes made by the CLI or API."""
 from __future__ import annotations
 
 import logging
-import queue
 import time
+from collections import deque
 from collections.abc import Callable
 
 from appliance.db import Database, publish_counters
@@ -31,7 +31,8 @@ class SeenRecorder:
     def __init__(self, counters: Counters) -> None:
         self.counters = counters
         self.last: dict[str, float] = {}
-        self.queue: queue.Queue[tuple[str, str, str | None]] = queue.Queue(SEEN_QUEUE)
+        #: (mac, seen on, arch) waiting for ``flush``; only the packet thread uses it
+        self.queue: deque[tuple[str, str, str | None]] = deque()
 
     def due(self, mac: str) -> bool:
         """Is it time to record ``mac`` again? (cheap; call before building ``note``'s
@@ -40,31 +41,27 @@ class SeenRecorder:
 
     def note(self, mac: str, seen_on: str, arch: str | None) -> None:
         now = time.monotonic()
-        if now - self.last.get(mac, -SEEN_INTERVAL) < SEEN_INTERVAL:
+        last = self.last
+        if now - last.get(mac, -SEEN_INTERVAL) < SEEN_INTERVAL:
             return
-        try:
-            self.queue.put_nowait((mac, seen_on, arch))
-        except queue.Full:
-            self.counters.inc("seen_dropped")
+        if len(self.queue) >= SEEN_QUEUE:
+            self.counters["seen_dropped"] += 1
             return
-        if len(self.last) > 200000:
-            self.last.clear()
-        self.last[mac] = now
-        self.counters.inc("seen_queued")
+        self.queue.append((mac, seen_on, arch))
+        if len(last) > 200000:
+            last.clear()
+        last[mac] = now
+        self.counters["seen_queued"] += 1
 
     def flush(self, db: Database, budget: float = 0.05, batch_size: int = SEEN_BATCH) -> None:
         """Record queued machines in small transactions until ``budget`` seconds pass."""
         deadline = time.monotonic() + budget
-        while time.monotonic() < deadline:
+        pending = self.queue
+        while pending and time.monotonic() < deadline:
             batch: dict[str, tuple[str, str | None]] = {}
-            while len(batch) < batch_size:
-                try:
-                    mac, seen_on, arch = self.queue.get_nowait()
-                except queue.Empty:
-                    break
+            while len(batch) < batch_size and pending:
+                mac, seen_on, arch = pending.popleft()
                 batch[mac] = (seen_on, arch)
-            if not batch:
-                return
             try:
                 with db.session() as s:
                     for mac, (seen_on, arch) in batch.items():
@@ -114,7 +111,7 @@ class Housekeeper:
         start = time.monotonic()
         if budget > 0:
             self.recorder.flush(self.db, budget,
-                                batch_size=SEEN_BATCH if budget >= 0.02 else 1)
+                                batch_size=SEEN_BATCH if budget >= 0.02 else 4)
         if time.monotonic() >= self.next_tick:
             self.publish()
             self.check_subnets()

@@ -184,7 +184,7 @@ class ServerHandler:
             raise DropPacket("pool_exhausted", f"no free address in {sub.cidr} for {mac}")
         self.table.offer(sub, ip, mac, now, self.cfg.offer_hold_seconds)
         boot = self._kind_and_boot(pkt, rx, sub, mac)
-        self.counters.inc("offers")
+        self.counters["offers"] += 1
         return self._lease_reply(pkt, rx, sub, mac, OFFER, ip, server_id, boot)
 
     def _nak(self, pkt: DhcpPacket, rx: Incoming, server_id: int, why: str) -> Outgoing:
@@ -232,7 +232,7 @@ class ServerHandler:
                    hostname.decode(errors="replace")[:255] if hostname else None,
                    client_id.hex()[:255] if client_id else None)
         boot = self._kind_and_boot(pkt, rx, sub, mac)
-        self.counters.inc("acks")
+        self.counters["acks"] += 1
         return self._lease_reply(pkt, rx, sub, mac, ACK, ip, server_id, boot)
 
     def _inform(self, pkt: DhcpPacket, rx: Incoming, sub: SubnetInfo, mac: str,

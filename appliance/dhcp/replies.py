@@ -40,6 +40,7 @@ _MT = {mt: bytes((MESSAGE_TYPE, 1, mt)) for mt in range(1, 9)}
 #: PXE vendor options (43): discovery control = use the boot file in this packet.
 PXE_VENDOR_OPTIONS = bytes((PXE_DISCOVERY_CONTROL, 1, PXE_USE_BOOTFILE, 255))
 _I = struct.Struct("!I")
+_SERVER_ID_OPTS: dict[int, bytes] = {}  # server id -> encoded option 54
 
 
 def ip_opt(code: int, *ips: int) -> bytes:
@@ -95,7 +96,12 @@ def build(
     message: str | None = None,
 ) -> bytes:
     """A reply to ``pkt``: message type, server id, ``body`` options, echoes (61, 82)."""
-    opts = [_MT[msg_type], ip_opt(SERVER_ID, server_id), body]
+    sid = _SERVER_ID_OPTS.get(server_id)
+    if sid is None:
+        if len(_SERVER_ID_OPTS) > 256:
+            _SERVER_ID_OPTS.clear()
+        sid = _SERVER_ID_OPTS[server_id] = ip_opt(SERVER_ID, server_id)
+    opts = [_MT[msg_type], sid, body]
     if hostname:
         opts.append(encode_option(HOSTNAME, hostname.encode()))
     if message:

@@ -1,11 +1,18 @@
 """The DHCP part: ``run(config, db, stop)`` serves until SIGTERM/SIGINT or ``stop``.
 
-One thread does everything: it empties the sockets into two queues, answers REQUESTs
-before DISCOVERs (finishing an exchange beats starting a new one), writes the lease
-changes of a chunk of REQUESTs in one transaction (group commit) and only then sends
-their ACKs, so a sent ACK is durable; under overload it answers the newest DISCOVERs and
-lets the old ones age out instead of falling behind. Between chunks it does the other
-database work in small slices.
+One thread does everything, like a single-threaded C server: read a small chunk of
+packets, answer it, read the next. What it cannot answer soon it leaves to the kernel,
+which drops it at the socket for free (small receive buffers, see ``transport``):
+reading and decoding packets only to drop them would take the CPU the answers need.
+
+- REQUESTs (and everything but DISCOVERs) come first: finishing an exchange beats
+  starting a new one. With the DISCOVER socket split off they never queue behind a
+  flood of DISCOVERs.
+- A chunk's lease changes are written in one transaction (group commit) before its
+  ACKs are sent, so a sent ACK is durable. OFFERs and NAKs go out before the commit.
+- Replies go out per chunk (at most ``CHUNK``), between reads: the peer's receive
+  buffer never sees a burst of thousands.
+- Between chunks the other database work is done in small slices.
 
 Why one thread: a second thread that commits or sends would have to win the GIL back
 from the busy packet loop at every system call (up to the 5 ms switch interval each
@@ -19,7 +26,6 @@ import select
 import signal
 import threading
 import time
-from collections import deque
 from typing import Any
 
 from appliance.config import Config
@@ -29,36 +35,37 @@ from appliance.dhcp.codec import DropPacket, MalformedPacket, OversizedPacket, d
 from appliance.dhcp.codec import peek_message_type as peek
 from appliance.dhcp.handler import HandlerConfig, ServerHandler
 from appliance.dhcp.leases import LeaseTable, SubnetInfo
-from appliance.dhcp.options import DISCOVER, MESSAGE_NAMES, PXE_PORT, REQUEST
+from appliance.dhcp.options import DISCOVER, MESSAGE_NAMES, PXE_PORT
 from appliance.dhcp.packets import Incoming, Outgoing
 from appliance.dhcp.proxy import ProxyHandler
 from appliance.dhcp.stats import Counters, RateLimitedLog
 from appliance.dhcp.steering import SteeringConfig
 from appliance.dhcp.store import (
+    LeaseWriter,
     lease_row,
     load_leases,
     load_subnets,
     subnet_signature,
-    write_leases,
 )
 from appliance.dhcp.transport import Transport
 
 log = logging.getLogger("appliance.dhcp")
 
-#: Datagrams read per socket per loop iteration at most: enough to empty the socket
-#: under any load, so the backlog is judged (and shed) here rather than queued.
-MAX_BATCH = 32768
+#: Packets read and answered together: one group commit per chunk of REQUESTs, and the
+#: largest burst of replies (a client's or relay's receive buffer holds only so many).
+CHUNK = 32
+#: Chunks of REQUESTs (and other non-DISCOVERs) answered before the next DISCOVERs, so
+#: a flood of other packets cannot starve new exchanges entirely.
+MAX_REQUEST_CHUNKS = 8
 #: A DISCOVER older than this is not answered: its exchange would finish too late.
 DISCOVER_MAX_AGE = 0.5
 #: A REQUEST older than this is not answered.
 REQUEST_MAX_AGE = 3.0
-#: Share of the time database housekeeping may take while packets keep coming.
-HOUSEKEEPING_SHARE = 0.1
-#: Packets of each kind answered per loop iteration: bounds the bursts of replies (a
-#: client's receive buffer holds only so many) and the wait of new REQUESTs.
-CHUNK = 64
-#: DISCOVERs waiting beyond this are dropped, oldest first.
-MAX_QUEUED_DISCOVERS = 20000
+#: Share of the time database housekeeping (registering the machines seen, mostly) may
+#: take while packets keep coming; the rest goes to answering.
+HOUSEKEEPING_SHARE = 0.05
+#: Message type -> counter of received messages.
+_COUNTED = dict(MESSAGE_NAMES)
 
 
 class DhcpServer:
@@ -85,8 +92,8 @@ class DhcpServer:
         self.malformed_log = RateLimitedLog(log)
         self.error_log = RateLimitedLog(log)
         self.pending_subnets: list[SubnetInfo] | None = None
-        self.requests: deque[Incoming] = deque()
-        self.discovers: deque[Incoming] = deque()
+        self.kernel_drops_at_start = 0
+        self.lease_writer = LeaseWriter(db)
         self.transport: Transport | None = None
         self.housekeeper: Housekeeper | None = None
 
@@ -111,11 +118,13 @@ class DhcpServer:
         self.housekeeper = Housekeeper(self.db, self.counters, self.recorder,
                                        None if self.proxy_mode else self._set_subnets,
                                        signature=signature)
+        self.kernel_drops_at_start = self.transport.kernel_drops() or 0
 
 
     def close(self) -> None:
         if self.housekeeper is not None:
             self.housekeeper.final()
+        self.lease_writer.close()
         if self.transport is not None:
             self.transport.close()
         log.info("DHCP stopped: %s", {k: v for k, v in self.counters.items() if v})
@@ -129,7 +138,7 @@ class DhcpServer:
         if not dirty:
             return True
         try:
-            write_leases(self.db, [lease_row(e, now) for e in dirty])
+            self.lease_writer.write([lease_row(e, now) for e in dirty])
         except Exception:
             self.counters["db_errors"] += 1
             self.error_log.log(logging.ERROR, "could not store %d lease change(s); their "
@@ -139,101 +148,108 @@ class DhcpServer:
         return True
 
     # -- sending ---------------------------------------------------------------------
-    def send_all(self, outs: list[Outgoing]) -> None:
+    def send_one(self, out: Outgoing) -> None:
         assert self.transport is not None
-        send = self.transport.send
-        for out in outs:
-            try:
-                send(out)
-                self.counters["sent"] += 1
-            except OSError as exc:
-                self.counters.inc("send_errors")
-                self.error_log.log(logging.WARNING, "could not send reply to %s:%d: %s",
-                                   int_to_ip(out.dst_ip), out.dst_port, exc)
+        try:
+            self.transport.send(out)
+            self.counters["sent"] += 1
+        except OSError as exc:
+            self.counters.inc("send_errors")
+            self.error_log.log(logging.WARNING, "could not send reply to %s:%d: %s",
+                               int_to_ip(out.dst_ip), out.dst_port, exc)
 
     # -- the loop ----------------------------------------------------------------------
     def serve(self, stop: threading.Event) -> None:
         assert self.transport is not None and self.housekeeper is not None
         poller = select.poll()
-        ports_by_fd = {}
-        for port, sock in self.transport.socks.items():
+        receivers = self.transport.receivers()
+        for sock, _port, _disc in receivers:
             poller.register(sock.fileno(), select.POLLIN)
-            ports_by_fd[sock.fileno()] = port
         allowance, last = 0.0, time.monotonic()
+        next_drops = 0.0
+        busy = False
         while not stop.is_set():
             if self.pending_subnets is not None:
                 subnets, self.pending_subnets = self.pending_subnets, None
                 self.table.set_subnets(subnets)
                 log.info("subnets reloaded: %s", ", ".join(s.cidr for s in subnets) or "none")
-            pending = bool(self.requests or self.discovers)
-            events = poller.poll(0 if pending else 200)
-            if events:
-                batch: list[Incoming] = []
-                for fd, _ev in events:
-                    self.transport.drain(ports_by_fd[fd], batch, MAX_BATCH)
-                self.intake(batch)
-            if self.requests or self.discovers:
-                self.work()
+            events = poller.poll(0 if busy else 200)
+            busy = bool(events) and self.pump(receivers)
             # Other database work: when quiet, a good slice; while packets flow, at most
             # HOUSEKEEPING_SHARE of the time, so registering a flood of new machines
             # never slows the answers down.
             now = time.monotonic()
             allowance = min(allowance + HOUSEKEEPING_SHARE * (now - last), 0.05)
             last = now
-            busy = events or self.requests or self.discovers
-            budget = 0.05 if not busy else (allowance if allowance >= 0.003 else 0.0)
+            budget = 0.05 if not events else (allowance if allowance >= 0.003 else 0.0)
             allowance -= self.housekeeper.idle(budget)
+            if now >= next_drops:  # what the kernel shed for us, for the counters
+                next_drops = now + 1.0
+                drops = self.transport.kernel_drops()
+                if drops is not None:
+                    self.counters["dropped_overload"] = max(
+                        0, drops - self.kernel_drops_at_start)
 
-    def intake(self, batch: list[Incoming]) -> None:
-        """Queue what was drained: DISCOVERs apart from everything else."""
-        self.counters["received"] += len(batch)
-        requests, discovers = self.requests, self.discovers
+    def pump(self, receivers: list[tuple[Any, int, bool]]) -> bool:
+        """Answer what is waiting: the non-DISCOVER sockets chunk by chunk until empty
+        (at most MAX_REQUEST_CHUNKS), then one chunk of DISCOVERs. True when a socket
+        may have more."""
+        assert self.transport is not None
+        read = self.transport.read
+        more = False
+        for sock, port, discovers_only in receivers:
+            rounds = 1 if discovers_only else MAX_REQUEST_CHUNKS
+            for _ in range(rounds):
+                batch: list[Incoming] = []
+                n = read(sock, port, batch, CHUNK)
+                if n:
+                    self.answer(batch)
+                if n < CHUNK:
+                    break
+            else:
+                more = True
+        return more
+
+    def answer(self, batch: list[Incoming]) -> None:
+        """Answer one chunk of received packets: everything but DISCOVERs first (their
+        lease changes committed in one transaction before their ACKs go out), then the
+        DISCOVERs. Stale packets are dropped unanswered."""
+        counters = self.counters
+        counters["received"] += len(batch)
+        now = time.time()
+        discover_deadline = now - DISCOVER_MAX_AGE
+        request_deadline = now - REQUEST_MAX_AGE
+        durable: list[Outgoing] = []
+        discovers: list[Incoming] = []
+        handle = self.handle
+        send = self.send_one
         for rx in batch:
             if peek(rx.data) == DISCOVER:
                 discovers.append(rx)
-            else:
-                requests.append(rx)  # REQUEST and everything else, in arrival order
-        if len(discovers) > MAX_QUEUED_DISCOVERS:
-            excess = len(discovers) - MAX_QUEUED_DISCOVERS
-            for _ in range(excess):
-                discovers.popleft()
-            self.counters["dropped_overload"] += excess
-
-    def work(self) -> None:
-        """One chunk: REQUESTs first (oldest first, group commit, then their ACKs), then
-        DISCOVERs (newest first: under overload they have the most time left; the
-        oldest age out). Small chunks keep the bursts of replies small."""
-        counters = self.counters
-        now = time.time()
-        immediate: list[Outgoing] = []
-        durable: list[Outgoing] = []
-        requests = self.requests
-        for _ in range(min(CHUNK, len(requests))):
-            rx = requests.popleft()
-            if rx.rx_time and now - rx.rx_time > REQUEST_MAX_AGE:
+                continue
+            if rx.rx_time and rx.rx_time < request_deadline:
                 counters["dropped_stale"] += 1
                 continue
-            out = self.handle(rx, now)
+            out = handle(rx, now)
             if out is not None:
-                (durable if out.durable else immediate).append(out)
-        if self.commit(now):
-            immediate.extend(durable)  # the leases they confirm are stored now
-        if immediate:
-            self.send_all(immediate)
-            immediate = []
-        discovers = self.discovers
-        oldest = now - DISCOVER_MAX_AGE
-        while discovers and discovers[0].rx_time and discovers[0].rx_time < oldest:
-            discovers.popleft()
-            counters["dropped_stale"] += 1
-        for _ in range(min(CHUNK, len(discovers))):
-            out = self.handle(discovers.pop(), now)
+                if out.durable:
+                    durable.append(out)
+                else:
+                    send(out)  # NAKs, INFORM ACKs: nothing to store first
+        for rx in discovers:
+            if rx.rx_time and rx.rx_time < discover_deadline:
+                counters["dropped_stale"] += 1
+                continue
+            out = handle(rx, now)
             if out is not None:
-                immediate.append(out)
-        if immediate:
-            self.send_all(immediate)
-        if self.table.dirty:  # e.g. a DISCOVER path that changed persisted state
-            self.commit(now)
+                if out.durable:
+                    durable.append(out)
+                else:
+                    send(out)  # OFFERs go out as they are made: no bursts
+        if self.table.dirty and not self.commit(now):
+            return  # not stored: the ACKs are not sent
+        for out in durable:
+            send(out)  # the leases they confirm are stored now
 
     def handle(self, rx: Incoming, now: float) -> Outgoing | None:
         counters = self.counters
@@ -255,7 +271,8 @@ class DhcpServer:
                 counters["dropped_malformed"])
             return None
         mt = pkt.msg_type
-        counters.inc(MESSAGE_NAMES.get(mt, "other_type") if mt != REQUEST else "request")
+        name = _COUNTED.get(mt, "other_type")
+        counters[name] = counters.get(name, 0) + 1
         try:
             return self.handler.handle(pkt, rx, now)
         except DropPacket as exc:

@@ -80,7 +80,12 @@ def _arch_from_vendor_class(vc: bytes) -> int | None:
     return None
 
 
+_PLAIN = ClientKind(pxe=False, http=False, ipxe=False, arch=None)
+
+
 def classify(options: dict[int, bytes]) -> ClientKind:
+    if VENDOR_CLASS not in options and USER_CLASS not in options and CLIENT_ARCH not in options:
+        return _PLAIN  # the common case on the hot path: an ordinary client
     vc = options.get(VENDOR_CLASS, b"")
     pxe = vc.startswith(PXE_CLIENT)
     http = vc.startswith(HTTP_CLIENT)

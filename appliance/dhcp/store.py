@@ -129,10 +129,75 @@ _UPSERT = (
 )
 
 
+_SECONDS_TEXT: dict[int, str] = {}
+
+
 def _sqlite_time(t: float) -> str:
-    # The exact text SQLAlchemy's SQLite DateTime type writes (and reads back).
-    micro = round(t * 1e6) % 1_000_000
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(t))) + f".{micro:06d}"
+    # The exact text SQLAlchemy's SQLite DateTime type writes (and reads back). The
+    # rows of one commit share a few distinct seconds: format each second once.
+    micro = round(t * 1e6)
+    sec, micro = divmod(micro, 1_000_000)
+    text = _SECONDS_TEXT.get(sec)
+    if text is None:
+        if len(_SECONDS_TEXT) > 64:
+            _SECONDS_TEXT.clear()
+        text = _SECONDS_TEXT[sec] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(sec))
+    return f"{text}.{micro:06d}"
+
+
+class LeaseWriter:
+    """``write_leases`` for the packet loop: on SQLite through one DBAPI connection kept
+    for the purpose (a group commit then costs the driver's executemany and commit,
+    not SQLAlchemy's connection checkout, transaction and cursor machinery each time);
+    on other databases ``write_leases`` itself."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.sqlite = db.engine.dialect.name == "sqlite"
+        self._conn: Any = None
+        self._sql = _UPSERT.format(marks=", ".join("?" * len(_COLUMNS)))
+
+    def write(self, rows: Sequence[LeaseRow]) -> None:
+        if not self.sqlite:
+            write_leases(self.db, rows)
+            return
+        if not rows:
+            return
+        if self._conn is None:
+            self._conn = self.db.engine.raw_connection()
+        conn = self._conn
+        try:
+            cur = conn.cursor()
+            try:
+                cur.executemany(self._sql, _sqlite_params(rows))
+            finally:
+                cur.close()
+            conn.commit()
+        except Exception:
+            self._conn = None
+            try:
+                conn.rollback()
+            finally:
+                conn.close()  # back to the pool; the next write takes a fresh one
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+
+def _sqlite_params(rows: Sequence[LeaseRow]) -> list[tuple[Any, ...]]:
+    unique = list({r[0]: r for r in rows}.values())  # one row per address per statement
+    texts: dict[float, str] = {}  # the rows of a batch share most of their times
+
+    def text(t: float) -> str:
+        s = texts.get(t)
+        if s is None:
+            s = texts[t] = _sqlite_time(t)
+        return s
+
+    return [(*r[:6], text(r[6]), text(r[7]), text(r[8])) for r in unique]
 
 
 def write_leases(db: Database, rows: Sequence[LeaseRow]) -> None:
@@ -144,15 +209,13 @@ def write_leases(db: Database, rows: Sequence[LeaseRow]) -> None:
     """
     if not rows:
         return
-    unique = list({r[0]: r for r in rows}.values())  # one row per address per statement
     dialect = db.engine.dialect.name
     if dialect == "sqlite":
         sql = _UPSERT.format(marks=", ".join("?" * len(_COLUMNS)))
-        params = [(*r[:6], _sqlite_time(r[6]), _sqlite_time(r[7]), _sqlite_time(r[8]))
-                  for r in unique]
         with db.engine.begin() as conn:
-            conn.exec_driver_sql(sql, params)
+            conn.exec_driver_sql(sql, _sqlite_params(rows))
         return
+    unique = list({r[0]: r for r in rows}.values())  # one row per address per statement
     converted = [(*r[:6], to_datetime(r[6]), to_datetime(r[7]), to_datetime(r[8]))
                  for r in unique]
     if dialect == "postgresql":

@@ -61,7 +61,7 @@ def server():  # type: ignore[no-untyped-def]
 
 def seen_log(h: ServerHandler) -> list[tuple[str, str, str | None]]:
     assert isinstance(h.seen, SeenRecorder)
-    return list(h.seen.queue.queue)
+    return list(h.seen.queue)
 
 
 def reply(out):  # type: ignore[no-untyped-def]
