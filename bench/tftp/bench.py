@@ -31,10 +31,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+CPUACCT = Path("/sys/fs/cgroup/cpuacct")
 MiB = 1024 * 1024
 CASES = [  # (file, size MiB, clients)
     ("1m.bin", 1, 1), ("1m.bin", 1, 20), ("1m.bin", 1, 100), ("32m.bin", 32, 1),
@@ -44,7 +46,15 @@ SERVERS = {  # name -> (server address, client address)
     "tftpd-hpa": ("10.250.30.1", "10.250.30.2"),
     "appliance": ("10.250.31.1", "10.250.31.2"),
     "tftpy-stock": ("10.250.32.1", "10.250.32.2"),
+    "baseline": ("10.250.33.1", "10.250.33.2"),    # --baseline DIR: another appliance tree
 }
+
+
+def idle_seconds() -> float:
+    """Machine-wide idle CPU time (all CPUs), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -63,17 +73,22 @@ def client_main(args: argparse.Namespace) -> int:
             cmd += ["--option", f"blksize {args.blksize}"]
         cmd += ["-g", "-r", args.file, "-l", str(out / f"o{i}"), args.host]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    deadline = t0 + args.timeout
+    # Blocking waits (Popen.wait with a timeout polls with sleeps of up to 50 ms, which
+    # quantised the single-client times); a watchdog kills the clients at the deadline.
+    def kill_all() -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+    watchdog = threading.Timer(args.timeout, kill_all)
+    watchdog.start()
     failed = 0
     for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        p.wait()
         if p.returncode != 0:
             failed += 1
     took = time.monotonic() - t0
+    watchdog.cancel()
     size = int(args.size)
     for i in range(args.n):
         f = out / f"o{i}"
@@ -98,6 +113,8 @@ class Bench:
         self.cli = f"apbench-c-{tag}"
         self.tmp = Path(tempfile.mkdtemp(prefix="tftpbench-"))
         self.procs: dict[str, subprocess.Popen] = {}
+        self.cgroups: dict[str, Path] = {}
+        self.cpu_log: list[dict] = []
         self.ns_made: list[str] = []
 
     def setup(self) -> None:
@@ -108,7 +125,7 @@ class Bench:
         sh("ip", "link", "add", "bs0", "netns", self.srv, "type", "veth",
            "peer", "name", "bc0", "netns", self.cli)
         for name, (s_addr, c_addr) in SERVERS.items():
-            if name == "tftpy-stock" and not self.args.stock_tftpy:
+            if name not in self.servers():
                 continue
             sh("ip", "-n", self.srv, "addr", "add", f"{s_addr}/24", "dev", "bs0")
             sh("ip", "-n", self.cli, "addr", "add", f"{c_addr}/24", "dev", "bc0")
@@ -128,13 +145,29 @@ class Bench:
         self.root = root
         self.out = self.tmp / "out"
         self.out.mkdir()
+        for name in self.servers():
+            cg = CPUACCT / f"{self.srv}-clients-{name}"
+            try:
+                cg.mkdir()
+                self.cgroups[f"clients-{name}"] = cg
+            except OSError:
+                pass
         self.start_servers()
 
-    def popen(self, name: str, cmd: list[str]) -> None:
+    def popen(self, name: str, cmd: list[str], cwd: Path = REPO) -> None:
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115
         self.procs[name] = subprocess.Popen(
             ["ip", "netns", "exec", self.srv, *cmd], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
+            stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+        # CPU accounting only (cgroup v1 cpuacct; scheduling is not affected): a server's
+        # processes, tftpd-hpa's forked per-transfer children included, land in one group.
+        cg = CPUACCT / f"{self.srv}-{name}"
+        try:
+            cg.mkdir()
+            (cg / "cgroup.procs").write_text(str(self.procs[name].pid))
+            self.cgroups[name] = cg
+        except OSError:
+            pass
 
     def start_servers(self) -> None:
         s_hpa = SERVERS["tftpd-hpa"][0]
@@ -148,6 +181,15 @@ class Bench:
         self.config = cfg
         self.popen("appliance", [sys.executable, "-m", "appliance.cli", "--config", str(cfg),
                                  "serve", "--only", "tftp"])
+        if self.args.baseline:
+            bcfg = self.tmp / "baseline.toml"
+            bcfg.write_text(
+                f'state_dir = "{self.tmp / "state-baseline"}"\nlog_level = "WARNING"\n'
+                f'[tftp]\nbind = "{SERVERS["baseline"][0]}"\nroot = "{self.root}"\n'
+                f"workers = {self.args.workers}\n")
+            self.popen("baseline", [sys.executable, "-m", "appliance.cli", "--config",
+                                    str(bcfg), "serve", "--only", "tftp"],
+                       cwd=Path(self.args.baseline).resolve())
         if self.args.stock_tftpy:
             self.popen("tftpy-stock", [sys.executable, str(REPO / "bench/tftp/stock_tftpy.py"),
                                        str(self.root), SERVERS["tftpy-stock"][0]])
@@ -163,8 +205,33 @@ class Bench:
                                        + (self.tmp / f"{name}.log").read_text()[-2000:])
                 time.sleep(0.5)
 
+    def cpu_seconds(self, server: str) -> float:
+        """CPU time (user + system) of all of a server's processes: tftpd-hpa's forked
+        per-transfer children, the appliance's worker processes."""
+        cg = self.cgroups.get(server)
+        if cg is not None:
+            return int((cg / "cpuacct.usage").read_text()) / 1e9
+        if server not in self.procs:
+            return 0.0
+        # Fallback: the session's live processes and the children they reaped.
+        sid = self.procs[server].pid
+        tck = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:            # field 6: session id
+                total += sum(int(x) for x in fields[11:15])   # utime stime cutime cstime
+        return total / tck
+
     def servers(self) -> list[str]:
-        return [n for n in SERVERS if n != "tftpy-stock" or self.args.stock_tftpy]
+        return [n for n in SERVERS if (n != "tftpy-stock" or self.args.stock_tftpy)
+                and (n != "baseline" or self.args.baseline)]
 
     def client(self, server: str, file: str, size: int, n: int, blksize: int,
                timeout: float) -> dict:
@@ -172,7 +239,20 @@ class Bench:
         cmd = ["ip", "netns", "exec", self.cli, sys.executable, __file__, "--client",
                "--host", host, "--file", file, "--size", str(size), "--n", str(n),
                "--blksize", str(blksize), "--outdir", str(self.out), "--timeout", str(timeout)]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30)
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cg = self.cgroups.get(f"clients-{server}")
+        if cg is not None:     # before the clients start (ip netns exec hides the cgroupfs)
+            try:
+                (cg / "cgroup.procs").write_text(str(p.pid))
+            except OSError:
+                pass
+        try:
+            out, err = p.communicate(timeout=timeout + 30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise
+        r = subprocess.CompletedProcess(cmd, p.returncode, out, err)
         if r.returncode != 0:
             raise RuntimeError(f"client failed: {r.stderr[-2000:]}")
         res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -193,6 +273,10 @@ class Bench:
                     continue
                 row = {"file": f"{size_mib} MiB", "clients": n, "blksize": bs}
                 samples: dict[str, list[float]] = {s: [] for s in self.servers()}
+                paired: dict[str, list[float | None]] = {s: [] for s in self.servers()}
+                cpu: dict[str, list[float]] = {s: [] for s in self.servers()}
+                ccpu: dict[str, list[float]] = {s: [] for s in self.servers()}
+                idle: dict[str, list[float]] = {s: [] for s in self.servers()}
                 failures = dict.fromkeys(self.servers(), 0)
                 for _rep in range(self.args.reps):
                     for s in self.servers():
@@ -200,15 +284,33 @@ class Bench:
                             break
                         if s == "tftpy-stock" and failures[s] and not samples[s]:
                             continue          # it failed once already; don't wait again
+                        cpu0, ccpu0, idle0 = (self.cpu_seconds(s),
+                                              self.cpu_seconds(f"clients-{s}"), idle_seconds())
                         r = self.client(s, file, size_mib * MiB, n, bs,
                                         timeout=self.args.case_timeout)
+                        cpu[s].append(self.cpu_seconds(s) - cpu0)
+                        ccpu[s].append(self.cpu_seconds(f"clients-{s}") - ccpu0)
+                        idle[s].append(idle_seconds() - idle0)
                         if r["failed"]:
                             failures[s] += r["failed"]
+                            paired[s].append(None)
                         else:
                             samples[s].append(r["seconds"])
+                            paired[s].append(r["seconds"])
                 for s in self.servers():
                     row[s] = statistics.median(samples[s]) if samples[s] else None
                     row[f"{s}_failed"] = failures[s]
+                    row[f"{s}_cpu"] = statistics.median(cpu[s]) if cpu[s] else None
+                    self.cpu_log.append({
+                        "case": f"{size_mib}MiB/{n}/{bs}", "server": s,
+                        **{k: [round(x, 3) for x in v] for k, v in (
+                            ("seconds", samples[s]), ("server_cpu", cpu[s]),
+                            ("clients_cpu", ccpu[s]), ("machine_idle", idle[s]))}})
+                    # Paired: hpa/server within the same repetition, then the median. Less
+                    # sensitive to outside load drifting between repetitions.
+                    pairs = [h / x for h, x in zip(paired["tftpd-hpa"], paired[s], strict=False)
+                             if h is not None and x is not None]
+                    row[f"{s}_paired"] = statistics.median(pairs) if pairs else None
                 row["mib"] = size_mib * n
                 rows.append(row)
                 print(self.format_row(row), flush=True)
@@ -217,9 +319,9 @@ class Bench:
     def header(self) -> str:
         cols = ["file", "clients", "blksize"]
         for s in self.servers():
-            cols += [f"{s} s", f"{s} MiB/s"]
+            cols += [f"{s} s", f"{s} MiB/s", f"{s} CPU s"]
             if s != "tftpd-hpa":
-                cols += [f"{s}/hpa"]
+                cols += [f"{s}/hpa", f"{s}/hpa paired"]
         return " | ".join(cols) + "\n" + " | ".join("---" for _ in cols)
 
     def format_row(self, row: dict) -> str:
@@ -229,15 +331,18 @@ class Bench:
             sec = row.get(s)
             fails = row.get(f"{s}_failed", 0)
             if sec is None:
-                cells += [f"failed ({fails})", "-"]
+                cells += [f"failed ({fails})", "-", "-"]
                 if s != "tftpd-hpa":
-                    cells.append("-")
+                    cells += ["-", "-"]
                 continue
             rate = row["mib"] / sec
             mark = f" ({fails} failed runs)" if fails else ""
-            cells += [f"{sec:.3f}{mark}", f"{rate:.1f}"]
+            c = row.get(f"{s}_cpu")
+            cells += [f"{sec:.3f}{mark}", f"{rate:.1f}", f"{c:.2f}" if c is not None else "-"]
             if s != "tftpd-hpa":
                 cells.append(f"{hpa / sec:.2f}x" if hpa else "-")
+                pr = row.get(f"{s}_paired")
+                cells.append(f"{pr:.2f}x" if pr else "-")
         return " | ".join(cells)
 
     def counters(self) -> str:
@@ -263,6 +368,11 @@ class Bench:
                     os.killpg(p.pid, signal.SIGKILL)
                     p.wait(5)
             print(f"# stopped {name} (pid {p.pid})", file=sys.stderr)
+        for cg in self.cgroups.values():
+            try:
+                cg.rmdir()
+            except OSError as exc:
+                print(f"# cannot remove {cg}: {exc}", file=sys.stderr)
         for ns in self.ns_made:
             sh("ip", "netns", "del", ns, check=False)
         if not self.args.keep:
@@ -292,6 +402,11 @@ def main() -> int:
                     help="only this blksize (repeatable: 512, 1468)")
     ap.add_argument("--case-timeout", type=float, default=180)
     ap.add_argument("--max-seconds", type=float, default=1500, help="whole-run time budget")
+    ap.add_argument("--cpu-detail", action="store_true",
+                    help="print per-run wall time, server CPU, clients' CPU and machine idle")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run the appliance from another source tree (e.g. a copy of "
+                    "the previous commit) as server 'baseline', for A/B in the same run")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args()
     if args.client:
@@ -307,15 +422,25 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    t_start = time.monotonic()
     bench = Bench(args)
     try:
         bench.setup()
+        print(f"# load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} "
+              f"{os.getloadavg()[2]:.2f}", flush=True)
         print(f"# {os.cpu_count()} CPUs, appliance tftp.workers={args.workers} "
               f"(0 = one per CPU), {args.reps} reps, median; client: atftp, all clients "
-              "started at once; MiB/s = clients x file size / wall time", flush=True)
+              "started at once; MiB/s = clients x file size / wall time; CPU s = the "
+              "server's CPU time (user+system, all its processes) per run; paired = "
+              "median of per-repetition hpa/appliance time ratios", flush=True)
         print(bench.header(), flush=True)
         bench.run()
         print(f"# appliance counters: {bench.counters()}")
+        if args.cpu_detail:
+            for entry in bench.cpu_log:
+                print("# cpu " + json.dumps(entry, separators=(",", ":")))
+        print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+              f"took {time.monotonic() - t_start:.0f} s", flush=True)
     finally:
         bench.cleanup()
     return 0

@@ -223,8 +223,72 @@ def test_duplicate_rrq_does_not_start_a_second_transfer(running: Running) -> Non
     s.sendto(rrq_bytes("multi.bin"), running.addr)
     pkt, tid = s.recvfrom(1000)
     s.sendto(struct.pack("!HH", 5, 0) + b"stop\x00", tid)    # client aborts
-    wait_counter(running.engine, "transfers_failed", 1)
+    wait_counter(running.engine, "transfers_aborted_by_client", 1)
     assert running.engine.counters["transfers_started"] == 1
+    assert running.engine.counters["transfers_failed"] == 0
+
+
+def test_tsize_probe_is_counted_apart_and_not_a_warning(
+        running: Running, caplog: pytest.LogCaptureFixture) -> None:
+    """OVMF asks for tsize, reads the OACK and aborts with ERROR 8: normal, not a failure."""
+    caplog.set_level("DEBUG", logger="appliance.tftp")
+    s = client_socket()
+    s.sendto(rrq_bytes("multi.bin", {"tsize": "0", "blksize": "1468"}), running.addr)
+    pkt, tid = s.recvfrom(1000)
+    oack = factory.parse(pkt)
+    assert isinstance(oack, TftpPacketOACK) and oack.options["tsize"] == "100000"
+    s.sendto(struct.pack("!HH", 5, 8) + b"User aborted the transfer\x00", tid)
+    wait_counter(running.engine, "tsize_probes", 1)
+    c = running.engine.counters
+    assert c["transfers_failed"] == 0 and c["transfers_aborted_by_client"] == 0
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("size probe of multi.bin" in r.getMessage() for r in caplog.records)
+    # ... and then the real download works.
+    data, _ = fetch_raw(running.addr, "multi.bin", {"tsize": "0", "blksize": "1468"})
+    assert data == (Path(running.engine.cfg.root) / "multi.bin").read_bytes()
+    wait_counter(running.engine, "transfers_completed", 1)
+
+
+def test_abort_mid_transfer_is_aborted_by_client(running: Running) -> None:
+    s = client_socket()
+    s.sendto(rrq_bytes("multi.bin", {"tsize": "0"}), running.addr)
+    _, tid = s.recvfrom(1000)                                  # OACK
+    s.sendto(struct.pack("!HH", 4, 0), tid)
+    pkt, _ = s.recvfrom(1000)
+    assert factory.parse(pkt).blocknumber == 1
+    s.sendto(struct.pack("!HH", 5, 0) + b"disk full\x00", tid)
+    wait_counter(running.engine, "transfers_aborted_by_client", 1)
+    assert running.engine.counters["tsize_probes"] == 0
+    assert running.engine.counters["transfers_failed"] == 0
+
+
+def test_retransmit_timer_restarts_on_progress(running: Running) -> None:
+    """The timer follows the transfer: after ACKs, the block now awaited is the one resent,
+    and the retry count starts again from zero."""
+    s = client_socket()
+    s.sendto(rrq_bytes("multi.bin"), running.addr)
+    pkt, tid = s.recvfrom(1000)
+    assert factory.parse(pkt).blocknumber == 1
+    again, _ = s.recvfrom(1000)                # block 1 again after ~0.3 s: 1 retransmit
+    assert again == pkt
+    t0 = time.monotonic()
+    s.sendto(struct.pack("!HH", 4, 1), tid)
+    b2, _ = s.recvfrom(1000)
+    assert factory.parse(b2).blocknumber == 2
+    s.sendto(struct.pack("!HH", 4, 2) + b"pad", tid)          # trailing bytes: still an ACK
+    b3, _ = s.recvfrom(1000)
+    assert factory.parse(b3).blocknumber == 3
+    t1 = time.monotonic()
+    s.sendto(struct.pack("!HH", 4, 2), tid)                   # duplicate ACK: ignored
+    again, _ = s.recvfrom(1000)
+    waited = time.monotonic() - t1
+    assert again == b3 and 0.25 <= waited <= 0.3 + 0.2, waited
+    # retries=2: block 3 goes out twice more, then the transfer times out.
+    again, _ = s.recvfrom(1000)
+    assert again == b3
+    wait_counter(running.engine, "transfers_failed", 1, timeout=5)
+    assert running.engine.counters["retransmits"] == 3
+    assert time.monotonic() - t0 < 3
 
 
 @pytest.mark.parametrize("workers", [1, 2])
