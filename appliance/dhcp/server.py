@@ -223,29 +223,26 @@ class DhcpServer:
         discovers: list[Incoming] = []
         handle = self.handle
         send = self.send_one
+
+        def answer_one(rx: Incoming, deadline: float) -> None:
+            if rx.rx_time and rx.rx_time < deadline:
+                counters["dropped_stale"] += 1
+                return
+            out = handle(rx, now)
+            if out is None:
+                return
+            if out.durable:
+                durable.append(out)
+            else:
+                send(out)  # OFFERs, NAKs, INFORM ACKs: nothing to store, sent as made
+
         for rx in batch:
             if peek(rx.data) == DISCOVER:
                 discovers.append(rx)
-                continue
-            if rx.rx_time and rx.rx_time < request_deadline:
-                counters["dropped_stale"] += 1
-                continue
-            out = handle(rx, now)
-            if out is not None:
-                if out.durable:
-                    durable.append(out)
-                else:
-                    send(out)  # NAKs, INFORM ACKs: nothing to store first
+            else:
+                answer_one(rx, request_deadline)
         for rx in discovers:
-            if rx.rx_time and rx.rx_time < discover_deadline:
-                counters["dropped_stale"] += 1
-                continue
-            out = handle(rx, now)
-            if out is not None:
-                if out.durable:
-                    durable.append(out)
-                else:
-                    send(out)  # OFFERs go out as they are made: no bursts
+            answer_one(rx, discover_deadline)
         if self.table.dirty and not self.commit(now):
             return  # not stored: the ACKs are not sent
         for out in durable:
