@@ -74,14 +74,12 @@ def checkin(mac: str) -> Response:
     return Response("ok\n", mimetype="text/plain")
 
 
-@boot.get("/images/<path:relative>")
-@boot.route("/images/<path:relative>", methods=["HEAD"])
+@boot.get("/images/<path:relative>")  # GET routes answer HEAD too
 def images(relative: str) -> Response:
     return send_path(state().config.images_dir, relative)
 
 
 @boot.get("/tftp/<path:relative>")
-@boot.route("/tftp/<path:relative>", methods=["HEAD"])
 def tftp_root_over_http(relative: str) -> Response:
     """The TFTP root (boot loaders) over HTTP, for UEFI HTTP boot clients."""
     return send_path(Path(state().config.tftp.root), relative)
