@@ -139,12 +139,9 @@ def serve(config: Config, config_path: str | None, only: list[str] | None = None
 
 def _redact(url: str) -> str:
     """Hide a password in a database URL for logging."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def run_part(name: str, config: Config) -> int:

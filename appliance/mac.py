@@ -16,7 +16,7 @@ def normalize_mac(text: str | bytes) -> str:
     if isinstance(text, bytes | bytearray):
         if len(text) != 6:
             raise ValueError(f"MAC address must be 6 bytes, got {len(text)}")
-        return ":".join(f"{b:02x}" for b in text)
+        return bytes(text).hex(":")
     digits = re.sub(r"[:.\-]", "", text.strip().lower())
     if not _HEX12.match(digits):
         raise ValueError(f"not a MAC address: {text!r}")

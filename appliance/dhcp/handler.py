@@ -27,6 +27,7 @@ from appliance.dhcp.options import (
 from appliance.dhcp.packets import Incoming, Outgoing
 from appliance.dhcp.stats import Counters
 from appliance.dhcp.steering import BootInfo, ClientKind, SteeringConfig, classify, steer
+from appliance.mac import normalize_mac
 
 log = logging.getLogger("appliance.dhcp")
 
@@ -45,7 +46,8 @@ class HandlerConfig:
 
 
 def mac_text(chaddr: bytes) -> str:
-    return chaddr[:6].hex(":")
+    """The client's MAC from the 16-byte chaddr field (Ethernet: the first 6)."""
+    return normalize_mac(chaddr[:6])
 
 
 class InterfaceNames:
