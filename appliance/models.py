@@ -99,6 +99,16 @@ class Machine(Base):
     #: Where it was seen: interface name, or "relay <giaddr>", or "http <address>".
     seen_on: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    #: Names of the profiles whose params apply, in order (later wins); ``global`` always
+    #: applies first and is not listed.
+    profiles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    #: The machine's own params: the top layer, over its profiles and ``global``.
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: One-time credential of the current install: in the answer-file, log and
+    #: install-finished URLs. A new one per install; cleared when the install is over.
+    install_token: Mapped[str | None] = mapped_column(String(64), unique=True)
+    #: Per-machine token of the installed OS's cloud-init NoCloud seed URL.
+    seed_token: Mapped[str | None] = mapped_column(String(64), unique=True)
 
     events: Mapped[list[Event]] = relationship(back_populates="machine")
 
@@ -132,3 +142,53 @@ class Counter(Base):
     name: Mapped[str] = mapped_column(String(64))
     value: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class Profile(Base):
+    """A named set of params machines reference. ``global`` applies to every machine."""
+
+    __tablename__ = "profiles"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class Image(Base):
+    """An artifact imported into the image store (``<state_dir>/images``), verified."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    #: URL or local path it was imported from.
+    source: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    #: Paths relative to the images directory: the artifact itself and what was
+    #: extracted from it.
+    files: Mapped[list[str]] = mapped_column(JSON, default=list)
+    imported_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class InstallLog(Base):
+    """A line an installer sent (remote syslog or the log upload endpoint)."""
+
+    __tablename__ = "install_logs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    machine_id: Mapped[int | None] = mapped_column(
+        ForeignKey("machines.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    #: ``syslog`` or ``upload``.
+    source: Mapped[str] = mapped_column(String(16))
+    #: Address the line came from.
+    client: Mapped[str] = mapped_column(String(45), default="")
+    #: Syslog severity 0-7 (7 debug) when known.
+    severity: Mapped[int | None] = mapped_column(Integer)
+    program: Mapped[str] = mapped_column(String(64), default="")
+    message: Mapped[str] = mapped_column(Text, default="")

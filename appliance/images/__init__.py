@@ -1,0 +1,1 @@
+"""The image store: artifacts (installer kernels/initrds, ISOs, OS images), verified by sha256."""
