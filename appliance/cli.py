@@ -7,11 +7,14 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from appliance import __version__, inventory
+from appliance import __version__, inventory, profiles
 from appliance.config import Config, ConfigError, load_config
 from appliance.db import Database, current_revision, read_counters
+
+if TYPE_CHECKING:
+    from appliance.catalog import Catalog
 
 
 def _setup_logging(level: str) -> None:
@@ -136,7 +139,128 @@ def cmd_counters(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _catalog(config: Config) -> Catalog:
+    from appliance.catalog import load_catalog
+
+    catalog = load_catalog(config)
+    for error in catalog.errors:
+        print(f"appliance: refused: {error}", file=sys.stderr)
+    return catalog
+
+
+def _target(config: Config, session: Any, machine: Any, url: str | None) -> Any:
+    from appliance.machinefiles import BootTarget, appliance_url_for
+
+    base = url or appliance_url_for(config, session, machine)
+    if not base:
+        raise ValueError("cannot tell which address this machine reaches the appliance on "
+                         "(no http.public_address, no next-server on its subnet): "
+                         "give --appliance-url http://ADDRESS:PORT")
+    base = base.rstrip("/")
+    host = base.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+    return BootTarget(base_url=base, server=host)
+
+
+def cmd_render(args: argparse.Namespace, config: Config) -> int:
+    from appliance.machinefiles import render_machine_file
+
+    catalog = _catalog(config)
+    db = Database(config.effective_database_url)
+    with db.session() as session:
+        machine = profiles.find_machine(session, args.machine)
+        target = _target(config, session, machine, args.appliance_url)
+        sys.stdout.write(render_machine_file(config, session, catalog, machine, args.file,
+                                             target))
+        session.rollback()  # rendering changes nothing
+    return 0
+
+
+def cmd_machine(args: argparse.Namespace, config: Config) -> int:
+    from appliance.machinefiles import machine_params
+
+    catalog = _catalog(config)
+    db = Database(config.effective_database_url)
+    with db.session() as session:
+        machine = profiles.find_machine(session, args.machine)
+        if args.action == "set":
+            values = profiles.parse_assignments(catalog, args.param or [], args.param_file or [])
+            profiles.configure_machine(
+                session, catalog, machine, bootenv=args.bootenv, profiles=args.profile,
+                values=values, unset=args.unset or [], hostname=args.hostname)
+            print(f"machine {machine.mac} updated")
+            return 0
+        row = inventory.as_dict(machine)
+        row.pop("install_token", None)
+        row.pop("seed_token", None)
+        row["install_in_progress"] = bool(machine.install_token)
+        bootenv = catalog.bootenvs.get(machine.bootenv)
+        try:
+            row["effective_params"] = machine_params(session, bootenv, machine) \
+                if bootenv else None
+        except ValueError as exc:
+            row["effective_params"] = None
+            row["params_error"] = str(exc)
+    if args.json:
+        print(json.dumps(row, indent=2, default=str))
+    else:
+        for key, value in row.items():
+            shown = json.dumps(value) if isinstance(value, dict | list) else value
+            print(f"{key + ':':22} {'' if shown is None else shown}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace, config: Config) -> int:
+    catalog = _catalog(config)
+    db = Database(config.effective_database_url)
+    with db.session() as session:
+        if args.action == "set":
+            values = profiles.parse_assignments(catalog, args.param or [], args.param_file or [])
+            profiles.set_profile(session, catalog, args.name, values, args.unset or [],
+                                 args.description)
+            print(f"profile {args.name} updated")
+        elif args.action == "delete":
+            profiles.delete_profile(session, args.name)
+            print(f"profile {args.name} deleted")
+        elif args.action == "show":
+            row = inventory.as_dict(profiles.get_profile(session, args.name))
+            print(json.dumps(row, indent=2, default=str))
+        else:
+            rows = [{**inventory.as_dict(p), "params": ", ".join(sorted(p.params or {}))}
+                    for p in profiles.list_profiles(session)]
+            _print(args, rows, ["name", "description", "params"])
+    return 0
+
+
+def cmd_bootenvs(args: argparse.Namespace, config: Config) -> int:
+    catalog = _catalog(config)
+    rows = []
+    for env in catalog.bootenvs.values():
+        missing = [rel for rel in env.boot_files() if not (config.images_dir / rel).is_file()]
+        rows.append({
+            "name": env.name, "os": f"{env.os.family} {env.os.version}".strip(),
+            "firmware": ",".join(env.firmware) or ("local disk" if env.local_boot else ""),
+            "files": ",".join(env.templates), "artifacts": ",".join(a.name for a in env.artifacts),
+            "images": "missing: " + ",".join(missing) if missing else "ok",
+            "description": " ".join(env.description.split()),
+        })
+    if args.json:
+        print(json.dumps({"bootenvs": rows, "refused": catalog.errors}, indent=2))
+    else:
+        print(_table(rows, ["name", "os", "firmware", "files", "artifacts", "images"]))
+    return 1 if catalog.errors else 0
+
+
 # ---- parser ---------------------------------------------------------------------------
+
+def _param_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="set a param (typed as the bootenvs declare it; lists and "
+                   "mappings as JSON); repeatable")
+    p.add_argument("--param-file", action="append", metavar="KEY=PATH",
+                   help="set a param from a file (a list param takes its lines, e.g. an "
+                   "authorized_keys file)")
+    p.add_argument("--unset", action="append", metavar="KEY", help="remove a param")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -196,6 +320,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine", metavar="MAC")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true")
+    p = command("machine", cmd_machine, "show or change one machine (by MAC or hostname)")
+    msub = p.add_subparsers(dest="action", required=True)
+    show = msub.add_parser("show", help="a machine's settings and effective params")
+    show.add_argument("machine", metavar="MACHINE")
+    show.add_argument("--json", action="store_true")
+    mset = msub.add_parser("set", help="set bootenv, profiles, params, hostname")
+    mset.add_argument("machine", metavar="MACHINE")
+    mset.add_argument("--bootenv", help="boot environment of its next boot (an installer "
+                      "starts a new install)")
+    mset.add_argument("--profile", action="append", metavar="NAME",
+                      help="profiles in order, later wins (repeat; replaces the list)")
+    mset.add_argument("--hostname")
+    _param_options(mset)
+
+    p = command("profile", cmd_profile, "named sets of params; 'global' applies to all")
+    psub = p.add_subparsers(dest="action", required=True)
+    pset = psub.add_parser("set", help="create a profile or change its params")
+    pset.add_argument("name")
+    pset.add_argument("--description")
+    _param_options(pset)
+    for action in ("show", "delete"):
+        psub.add_parser(action, help=f"{action} a profile").add_argument("name")
+    ls = psub.add_parser("list", help="list profiles")
+    ls.add_argument("--json", action="store_true")
+
+    p = command("bootenvs", cmd_bootenvs, "boot environments, their images, refused files")
+    p.add_argument("--json", action="store_true")
+    p = command("render", cmd_render, "print a file exactly as a machine would receive it")
+    p.add_argument("machine", metavar="MACHINE", help="MAC or hostname")
+    p.add_argument("file", metavar="FILE", help="boot.ipxe, grub.cfg, kernel-params or one "
+                   "of its bootenv's files (e.g. preseed.cfg)")
+    p.add_argument("--appliance-url", metavar="URL", help="the appliance's URL as the "
+                   "machine sees it (default: http.public_address or its subnet's "
+                   "next-server)")
+
     p = command("counters", cmd_counters, "packet and transfer counters of the servers")
     p.add_argument("--json", action="store_true")
     return parser

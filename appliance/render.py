@@ -7,18 +7,28 @@ variable, never an empty string in what a machine receives.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
+_GRUB_SAFE = re.compile(r"^[A-Za-z0-9_.,:/=+@%^-]+$")
+
+
+def grub_words(text: str) -> str:
+    """Quote each word GRUB's shell would split or expand (``;``, ``$``, quotes...)."""
+    return " ".join(word if _GRUB_SAFE.match(word) else "'" + word.replace("'", "'\\''") + "'"
+                    for word in str(text).split())
+
 
 class RenderError(Exception):
     """Rendering failed; ``str()`` names the template, the machine and the reason."""
 
     def __init__(self, template: str, machine: str, reason: str) -> None:
-        super().__init__(f"template {template!r} for machine {machine}: {reason}")
+        where = template if template.startswith("bootenv") else f"template {template!r}"
+        super().__init__(f"{where} for machine {machine}: {reason}")
         self.template = template
         self.machine = machine
         self.reason = reason
@@ -36,6 +46,7 @@ class Renderer:
             auto_reload=False,  # no stat() per request; restart (or SIGHUP later) to reload
         )
         self.env.filters["basename"] = lambda path: str(path).rsplit("/", 1)[-1]
+        self.env.filters["grub_words"] = grub_words
         self._strings: dict[str, Any] = {}
 
     def render(self, template: str, machine: str, context: dict[str, Any]) -> str:

@@ -68,6 +68,9 @@ def parse_artifact(data: Any, where: str) -> ArtifactSpec:
         raise ArtifactError(f"{where}: field 'source': expected an http(s) URL or an "
                             f"absolute path, got {source!r}")
     sha256 = data.get("sha256")
+    if isinstance(sha256, int | float):
+        raise ArtifactError(f"{where}: field 'sha256': YAML read a number; quote the 64 hex "
+                            f"digits")
     if not isinstance(sha256, str) or not _SHA256.match(sha256):
         raise ArtifactError(f"{where}: field 'sha256': expected 64 lowercase hex digits, "
                             f"got {sha256!r}")

@@ -6,36 +6,39 @@ worker opens its own database connections after the fork.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from flask import Flask, current_app
 
-from appliance.bootenvs import Bootenv, load_bootenvs
+from appliance.catalog import Catalog, load_catalog
 from appliance.config import Config, load_config
 from appliance.db import Database
-from appliance.paths import resolve_dir
-from appliance.render import Renderer
+
+log = logging.getLogger("appliance.http")
 
 
 @dataclass
 class WebState:
     config: Config
     db: Database
-    renderer: Renderer
-    bootenvs: dict[str, Bootenv]
+    catalog: Catalog
 
 
 def create_app(config: Config | None = None, db: Database | None = None) -> Flask:
     config = config or load_config()
     db = db or Database(config.effective_database_url)
-    bootenvs, _errors = load_bootenvs(resolve_dir(config.boot.bootenvs_dir, "bootenvs"))
-    renderer = Renderer(resolve_dir(config.boot.templates_dir, "templates"))
+    catalog = load_catalog(config)
+    for error in catalog.errors:
+        log.error("refused: %s", error)
     app = Flask(__name__)
-    app.extensions["appliance"] = WebState(config, db, renderer, bootenvs)
+    app.extensions["appliance"] = WebState(config, db, catalog)
 
     from appliance.web.boot import boot
+    from appliance.web.install import install
 
     app.register_blueprint(boot)
+    app.register_blueprint(install)
     return app
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from flask import Blueprint, Response, abort, request
 
-from appliance.bootscript import BootTarget, render_boot_script
 from appliance.lifecycle import record_event, record_seen
 from appliance.mac import normalize_mac
+from appliance.machinefiles import BootTarget, render_boot_script, render_machine_file
+from appliance.render import RenderError
 from appliance.web import state
 from appliance.web.files import send_path
 
@@ -25,7 +26,8 @@ def _mac_or_404(text: str) -> str:
         abort(404)
 
 
-def _target() -> BootTarget:
+def current_target() -> BootTarget:
+    """The appliance as the requesting machine reaches it."""
     config = state().config
     if config.http.public_address:
         host = config.http.public_address
@@ -42,8 +44,8 @@ def ipxe_script(mac: str) -> Response:
     st = state()
     with st.db.session() as session:
         machine = record_seen(session, mac, f"http {request.remote_addr}", actor="http")
-        script, error = render_boot_script(st.config, st.renderer, st.bootenvs, machine,
-                                           _target())
+        script, error = render_boot_script(st.config, session, st.catalog, machine,
+                                           current_target())
         if error:
             record_event(session, machine, "http", "boot-script-error", error)
             log.error("boot script for %s: %s", mac, error)
@@ -54,10 +56,32 @@ def ipxe_script(mac: str) -> Response:
     return Response(script, mimetype="text/plain")
 
 
+@boot.get("/boot/<mac>.grub")
+def grub_config(mac: str) -> Response:
+    """The GRUB config for UEFI machines that boot GRUB (Secure Boot) instead of iPXE."""
+    mac = _mac_or_404(mac)
+    st = state()
+    with st.db.session() as session:
+        machine = record_seen(session, mac, f"http {request.remote_addr}", actor="http")
+        try:
+            config = render_machine_file(st.config, session, st.catalog, machine, "grub.cfg",
+                                         current_target())
+        except RenderError as exc:
+            record_event(session, machine, "http", "boot-script-error", str(exc))
+            log.error("grub config for %s: %s", mac, exc)
+            message = " ".join(str(exc).split()).replace('"', "'")
+            config = f'echo "{message}"\nsleep 60\nreboot\n'
+        else:
+            record_event(session, machine, "http", "boot-script",
+                         f"served GRUB config for bootenv {machine.bootenv}",
+                         {"bootenv": machine.bootenv, "client": request.remote_addr})
+    return Response(config, mimetype="text/plain")
+
+
 @boot.get("/boot.ipxe")
 def chain_by_mac() -> Response:
     """One fixed URL for any machine (for DHCP servers we do not run): chains by MAC."""
-    script = f"#!ipxe\nchain --autofree {_target().base_url}/boot/${{mac}}.ipxe\n"
+    script = f"#!ipxe\nchain --autofree {current_target().base_url}/boot/${{mac}}.ipxe\n"
     return Response(script, mimetype="text/plain")
 
 

@@ -24,6 +24,7 @@ def appliance(namespace: netns.Namespace, tmp_path: Path):  # type: ignore[no-un
     kernel = state / "images" / "discovery" / "vmlinuz"
     kernel.parent.mkdir(parents=True)
     kernel.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    (kernel.parent / "initrd.img").write_bytes(b"initrd")
     app = ApplianceProcess(namespace, tmp_path, f'state_dir = "{state}"\n'
                            "[dhcp]\nenabled = false\n[tftp]\nenabled = false\n")
     app.start()

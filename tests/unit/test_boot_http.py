@@ -16,6 +16,7 @@ def app(tmp_path: Path):  # type: ignore[no-untyped-def]
     images = config.images_dir / "discovery"
     images.mkdir(parents=True)
     (images / "vmlinuz").write_bytes(bytes(range(256)) * 4)
+    (images / "initrd.img").write_bytes(b"initrd")
     db = Database(config.effective_database_url)
     db.migrate()
     app = create_app(config, db)
