@@ -181,6 +181,10 @@ def cmd_machine(args: argparse.Namespace, config: Config) -> int:
     catalog = _catalog(config)
     db = Database(config.effective_database_url)
     with db.session() as session:
+        if args.action == "add":
+            machine = inventory.add_machine(session, args.machine, args.hostname)
+            print(f"machine {machine.mac} added")
+            return 0
         machine = profiles.find_machine(session, args.machine)
         if args.action == "set":
             values = profiles.parse_assignments(catalog, args.param or [], args.param_file or [])
@@ -322,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = command("machine", cmd_machine, "show or change one machine (by MAC or hostname)")
     msub = p.add_subparsers(dest="action", required=True)
+    madd = msub.add_parser("add", help="enroll a machine by MAC before it is seen")
+    madd.add_argument("machine", metavar="MAC")
+    madd.add_argument("--hostname")
     show = msub.add_parser("show", help="a machine's settings and effective params")
     show.add_argument("machine", metavar="MACHINE")
     show.add_argument("--json", action="store_true")

@@ -130,6 +130,26 @@ def list_reservations(session: Session) -> list[Reservation]:
     return list(session.scalars(select(Reservation).order_by(Reservation.ip)))
 
 
+def add_machine(session: Session, mac: str, hostname: str | None = None,
+                actor: str = "cli") -> Machine:
+    """Enroll a machine before it is ever seen (to set its bootenv before first boot)."""
+    try:
+        mac = normalize_mac(mac)
+    except ValueError as exc:
+        raise InventoryError(f"mac: {exc}") from None
+    if session.scalar(select(Machine).where(Machine.mac == mac)):
+        raise InventoryError(f"mac: machine {mac} already exists")
+    now = utcnow()
+    machine = Machine(mac=mac, hostname=hostname or None, state="discovered",
+                      bootenv="discovery", first_seen_at=now, last_seen_at=now,
+                      seen_on=None, profiles=[], params={})
+    session.add(machine)
+    session.flush()
+    record_event(session, machine, actor, "registered", f"{mac} added by {actor}",
+                 {"hostname": hostname})
+    return machine
+
+
 def list_machines(session: Session) -> list[Machine]:
     return list(session.scalars(select(Machine).order_by(Machine.mac)))
 

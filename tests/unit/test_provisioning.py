@@ -332,3 +332,50 @@ def test_install_endpoints(setup) -> None:  # type: ignore[no-untyped-def]
     assert kinds.count("answer-file") == 1
     assert "answer-file-error" in kinds and "install-token-unknown" in kinds
     assert kinds.count("install-finished") == 1
+
+
+# ---- the CLI ---------------------------------------------------------------------------
+
+def test_cli_enroll_configure_render(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    config, _db, _catalog = setup
+    conf = tmp_path / "appliance.toml"
+    conf.write_text(f'state_dir = "{config.state_dir}"\n[boot]\n'
+                    f'bootenvs_dir = "{config.boot.bootenvs_dir}"\n'
+                    f'templates_dir = "{config.boot.templates_dir}"\n')
+    keys = tmp_path / "authorized_keys"
+    keys.write_text("ssh-ed25519 AAAAkey op@desk\n")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "appliance.cli", "--config", str(conf),
+                               *args], capture_output=True, text=True, timeout=60)
+
+    assert cli("machine", "add", "52:54:00:aa:bb:02", "--hostname", "web1").returncode == 0
+    assert "already exists" in cli("machine", "add", "52-54-00-aa-bb-02").stderr
+    refused = cli("machine", "set", "web1", "--bootenv", "tiny")
+    assert refused.returncode == 2
+    assert "required param(s) 'ssh_authorized_keys' not set" in refused.stderr
+    assert cli("profile", "set", "global", "--param-file",
+               f"ssh_authorized_keys={keys}").returncode == 0
+    bad = cli("profile", "set", "rack", "--param", "disks=two")
+    assert bad.returncode == 2 and "param 'disks': expected integer, got 'two'" in bad.stderr
+    assert cli("profile", "set", "rack", "--param", "disks=3").returncode == 0
+    assert cli("machine", "set", "web1", "--bootenv", "tiny", "--profile", "rack").returncode == 0
+    no_url = cli("render", "web1", "answer.cfg")
+    assert no_url.returncode == 2 and "give --appliance-url" in no_url.stderr
+    out = cli("render", "web1", "answer.cfg", "--appliance-url", "http://10.9.0.1:8080")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("host web1 tz Etc/UTC disks 3\nkey ssh-ed25519 AAAAkey op@desk\n")
+    assert "http://10.9.0.1:8080/install/" in out.stdout
+    unknown = cli("render", "web1", "nope.cfg", "--appliance-url", "http://10.9.0.1:8080")
+    assert "no file 'nope.cfg' (this machine's files: boot.ipxe, grub.cfg, kernel-params, " \
+           "answer.cfg)" in unknown.stderr
+    shown = cli("machine", "show", "52:54:00:aa:bb:02", "--json")
+    import json
+    row = json.loads(shown.stdout)
+    assert row["effective_params"]["disks"] == 3 and "install_token" not in row
+    listing = cli("bootenvs", "--json")
+    assert listing.returncode == 0, listing.stderr
+    assert {b["name"] for b in json.loads(listing.stdout)["bootenvs"]} == {"tiny", "local"}
