@@ -235,6 +235,34 @@ def cmd_profile(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_logs(args: argparse.Namespace, config: Config) -> int:
+    """Installer log lines a machine sent (remote syslog or uploads)."""
+    import time
+
+    from appliance.installlogs import read_install_logs
+
+    db = Database(config.effective_database_url)
+    since = args.since
+    while True:
+        with db.session() as session:
+            machine = profiles.find_machine(session, args.machine)
+            rows = read_install_logs(session, machine.id, since, args.limit)
+            out = [{"id": r.id, "at": r.at.isoformat(), "source": r.source,
+                    "client": r.client, "severity": r.severity, "program": r.program,
+                    "message": r.message} for r in rows]
+        if args.json:
+            print(json.dumps(out, indent=2))
+        else:
+            for r in out:
+                print(f"{r['at'][:19]} {r['program'] or '-'}: {r['message']}")
+        if out:
+            since = out[-1]["id"]
+        if not args.follow:
+            return 0
+        sys.stdout.flush()
+        time.sleep(1)
+
+
 def cmd_bootenvs(args: argparse.Namespace, config: Config) -> int:
     catalog = _catalog(config)
     rows = []
@@ -281,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", cmd_serve, "run DHCP, TFTP and HTTP (the daemon)")
     p.add_argument("--only", action="append", metavar="PART",
-                   help="run only this part (dhcp, tftp, http); repeatable")
+                   help="run only this part (dhcp, tftp, http, syslog); repeatable")
     p = sub.add_parser("run-part")  # internal: one part, started by `serve`
     p.set_defaults(func=cmd_run_part)
     p.add_argument("part")
@@ -351,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
         psub.add_parser(action, help=f"{action} a profile").add_argument("name")
     ls = psub.add_parser("list", help="list profiles")
     ls.add_argument("--json", action="store_true")
+
+    p = command("logs", cmd_logs, "installer log lines a machine sent")
+    p.add_argument("machine", metavar="MACHINE", help="MAC or hostname")
+    p.add_argument("--since", type=int, default=0, metavar="ID", help="lines after this id")
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    p.add_argument("--json", action="store_true")
 
     p = command("bootenvs", cmd_bootenvs, "boot environments, their images, refused files")
     p.add_argument("--json", action="store_true")

@@ -79,6 +79,21 @@ class DhcpConfig:
 
 
 @dataclass
+class SyslogConfig:
+    """Remote syslog receiver for installer logs (``appliance/syslog``)."""
+
+    enabled: bool = True
+    bind: str = "0.0.0.0"
+    #: UDP, and TCP on the same port when ``tcp`` is on (anaconda's rsyslog uses TCP).
+    port: int = 514
+    tcp: bool = True
+    #: Oldest lines beyond this are deleted, per machine (checked every minute).
+    max_lines_per_machine: int = 20000
+    #: Lines from addresses without a current lease kept (machine unknown); 0: none.
+    max_unmatched_lines: int = 2000
+
+
+@dataclass
 class BootConfig:
     #: Directory of boot environment definitions (``*.yaml``); empty: the shipped ones.
     bootenvs_dir: str = ""
@@ -99,6 +114,7 @@ class Config:
     tftp: TftpConfig = field(default_factory=TftpConfig)
     dhcp: DhcpConfig = field(default_factory=DhcpConfig)
     boot: BootConfig = field(default_factory=BootConfig)
+    syslog: SyslogConfig = field(default_factory=SyslogConfig)
 
     @property
     def effective_database_url(self) -> str:
@@ -115,7 +131,7 @@ class Config:
         if self.dhcp.mode not in ("server", "proxy"):
             raise ConfigError(f"dhcp.mode: must be 'server' or 'proxy', not {self.dhcp.mode!r}")
         for section, port in (("http", self.http.port), ("tftp", self.tftp.port),
-                              ("dhcp", self.dhcp.port)):
+                              ("dhcp", self.dhcp.port), ("syslog", self.syslog.port)):
             if not 0 < port < 65536:
                 raise ConfigError(f"{section}.port: {port} is not a valid port")
         if self.http.workers < 1:
@@ -128,6 +144,10 @@ class Config:
             raise ConfigError("tftp.timeout must be positive and tftp.retries not negative")
         if self.http.threads < 1:
             raise ConfigError("http.threads: must be at least 1")
+        if self.syslog.max_lines_per_machine < 1:
+            raise ConfigError("syslog.max_lines_per_machine: must be at least 1")
+        if self.syslog.max_unmatched_lines < 0:
+            raise ConfigError("syslog.max_unmatched_lines: must be 0 or more")
 
 
 def _coerce(where: str, value: Any, default: Any) -> Any:

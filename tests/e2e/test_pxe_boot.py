@@ -23,89 +23,29 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests import netns
 from tests.conftest import ApplianceProcess
 from tests.e2e import vm
+from tests.e2e.bootnet import BRIDGE, HTTP_PORT, SERVER, BootNet, serving
 from tests.e2e.conftest import say
 
-SUBNET = "10.250.40.0/24"
-POOL = "10.250.40.100-10.250.40.200"
-SERVER = "10.250.40.1"
-HTTP_PORT = 8080
-BRIDGE = "apbr0"
 #: Seconds from QEMU start to the check-in. TCG measured here: BIOS 55-100 s, UEFI
 #: 40-65 s (each iPXE DHCP waits ~15 s for an IPv6 router advertisement that never
 #: comes); generous because CI machines are noisy.
 BOOT_TIMEOUT = float(os.environ.get("APPLIANCE_E2E_BOOT_TIMEOUT", "300"))
 
-CONFIG = """\
-state_dir = "{state_dir}"
-log_level = "INFO"
-
-[http]
-port = {port}
-public_address = "{server}"
-access_log = true
-
-[tftp]
-root = "/usr/lib/ipxe"
-
-[dhcp]
-interface = "{bridge}"
-mode = "server"
-
-[boot]
-reload_ipxe_bios = true
-"""
-
-
-@dataclass
-class BootNet:
-    ns: netns.Namespace
-    appliance: ApplianceProcess
-    workdir: Path
-
-
-def _listening(ns: netns.Namespace) -> bool:
-    udp = ns.exec(["ss", "-Hlnu"], check=False).stdout
-    tcp = ns.exec(["ss", "-Hlnt"], check=False).stdout
-    return (re.search(r":67\s", udp) is not None and re.search(r":69\s", udp) is not None
-            and re.search(rf":{HTTP_PORT}\s", tcp) is not None)
-
 
 @pytest.fixture
 def bootnet(vm_host, discovery_images, namespace, tmp_path) -> Iterator[BootNet]:  # type: ignore[no-untyped-def]
     """The isolated boot network with the appliance serving on it."""
-    ns = namespace
-    netns.bridge(ns, BRIDGE, f"{SERVER}/24")
-    state_dir = tmp_path / "state"
-    images = state_dir / "images" / "discovery"
-    images.mkdir(parents=True)
-    for name in ("vmlinuz", "initrd.img"):
-        shutil.copyfile(discovery_images / name, images / name)
-    app = ApplianceProcess(ns, tmp_path, CONFIG.format(
-        state_dir=state_dir, port=HTTP_PORT, server=SERVER, bridge=BRIDGE))
-    app.cli("db", "upgrade")
-    app.cli("subnet", "add", SUBNET, "--pool", POOL, "--next-server", SERVER,
-            "--lease-time", "600")
-    app.start()
-    try:
-        netns.wait_for(lambda: _listening(ns) or (app.proc is not None
-                                                 and app.proc.poll() is not None),
-                       60, interval=0.5, what="DHCP, TFTP and HTTP listening")
-        assert app.proc is not None and app.proc.poll() is None, (
-            f"appliance exited:\n{app.log()[-3000:]}")
-        assert app.http_get(f"http://{SERVER}:{HTTP_PORT}/healthz").strip() == b"ok"
-        yield BootNet(ns, app, tmp_path)
-    finally:
-        app.stop()
+    images = {f"discovery/{name}": discovery_images / name
+              for name in ("vmlinuz", "initrd.img")}
+    with serving(namespace, tmp_path, images) as net:
+        yield net
 
 
 def _cli_json(app: ApplianceProcess, *args: str) -> list[dict]:
