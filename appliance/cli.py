@@ -380,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls = psub.add_parser("list", help="list profiles")
     ls.add_argument("--json", action="store_true")
 
+    from appliance.images import commands as images_commands
+
+    images_commands.register(sub)
     p = command("logs", cmd_logs, "installer log lines a machine sent")
     p.add_argument("machine", metavar="MACHINE", help="MAC or hostname")
     p.add_argument("--since", type=int, default=0, metavar="ID", help="lines after this id")

@@ -18,6 +18,9 @@ packages=(
   postgresql                                                   # database tests
   qemu-system-x86 qemu-utils ipxe ipxe-qemu ovmf cpio kmod     # e2e VM boots
   libpcap0.8                                                   # scapy sniffing
+  debian-installer-12-netboot-amd64                            # d-i e2e, debian-12 bootenv
+  cloud-init debconf grub-common                               # answer-file validators
+  xorriso util-linux                                           # ISO import tests, logger
 )
 export DEBIAN_FRONTEND=noninteractive
 # Packages with services (tftpd-hpa, kea, postgresql) must not start them on the host:
@@ -27,6 +30,8 @@ created_policy=0
 if [ ! -e "$policy" ]; then
   printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"; created_policy=1
 fi
+# cloud-init is installed only for its schema validator: it must never configure this host.
+mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${packages[@]}"
 [ "$created_policy" = 1 ] && rm -f "$policy"

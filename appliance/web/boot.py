@@ -100,6 +100,11 @@ def checkin(mac: str) -> Response:
 
 @boot.get("/images/<path:relative>")  # GET routes answer HEAD too
 def images(relative: str) -> Response:
+    parts = relative.split("/")
+    # The image store's work files (partial downloads, locks, staging) are not served.
+    if parts[-1].endswith(".part") or any(p == ".locks" or p.startswith(".staging")
+                                          for p in parts):
+        abort(404)
     return send_path(state().config.images_dir, relative)
 
 

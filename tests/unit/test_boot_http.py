@@ -17,6 +17,9 @@ def app(tmp_path: Path):  # type: ignore[no-untyped-def]
     images.mkdir(parents=True)
     (images / "vmlinuz").write_bytes(bytes(range(256)) * 4)
     (images / "initrd.img").write_bytes(b"initrd")
+    for work_file in ("vmlinuz.part", "../.locks/discovery", "../.staging-1/vmlinuz"):
+        (images / work_file).parent.mkdir(exist_ok=True)
+        (images / work_file).write_bytes(b"work file")
     db = Database(config.effective_database_url)
     db.migrate()
     app = create_app(config, db)
@@ -88,7 +91,8 @@ def test_images_range(app, header, status, body_range) -> None:  # type: ignore[
 
 @pytest.mark.parametrize("path", ["/images/../appliance.db", "/images/%2e%2e/appliance.db",
                                   "/images/discovery/../../appliance.db", "/images/discovery",
-                                  "/images/nothing"])
+                                  "/images/nothing", "/images/discovery/vmlinuz.part",
+                                  "/images/.locks/discovery", "/images/.staging-1/vmlinuz"])
 def test_images_outside_root_or_missing_is_404(app, path) -> None:  # type: ignore[no-untyped-def]
     assert app.test_client().get(path).status_code == 404
 

@@ -323,11 +323,23 @@ def test_install_endpoints(setup) -> None:  # type: ignore[no-untyped-def]
     wrong = client.get(f"/install/{'x' * 32}/answer.cfg", base_url=base)
     assert wrong.status_code == 404 and "ssh-ed25519" not in wrong.text
     assert client.get(f"/install/{token}/done", base_url=base).status_code == 500  # GET
+    upload = client.post(f"/install/{token}/log?program=anaconda", base_url=base,
+                         data="line one\n\nline two\n", content_type="text/plain")
+    assert upload.text == "stored 2 lines\n"
+    hook = client.post(f"/install/{token}/log", base_url=base, json={
+        "event_type": "finish", "name": "subiquity/Install", "result": "FAIL",
+        "description": "install failed", "origin": "curtin"})
+    assert hook.text == "stored 1 lines\n"
+    assert client.post(f"/install/{'y' * 32}/log", base_url=base, data="x").status_code == 404
     assert client.post(f"/install/{token}/done", base_url=base).text == "ok\n"
     assert client.post(f"/install/{token}/done", base_url=base).text == "already reported\n"
+    from appliance.installlogs import read_install_logs
     with db.session() as s:
         machine = s.query(Machine).one()
         assert machine.bootenv == "local"
+        lines = [(x.source, x.program, x.message) for x in read_install_logs(s, machine.id)]
+        assert lines == [("upload", "anaconda", "line one"), ("upload", "anaconda", "line two"),
+                         ("upload", "upload", "finish subiquity/Install FAIL install failed")]
         kinds = [e.kind for e in s.query(Event).order_by(Event.id)]
     assert kinds.count("answer-file") == 1
     assert "answer-file-error" in kinds and "install-token-unknown" in kinds
