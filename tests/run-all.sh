@@ -30,8 +30,11 @@ created_policy=0
 if [ ! -e "$policy" ]; then
   printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"; created_policy=1
 fi
-# cloud-init is installed only for its schema validator: it must never configure this host.
-mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled
+# cloud-init is installed only for its schema validator: where this command installs it,
+# it must never configure this host (a host that already runs cloud-init is left alone).
+if ! dpkg -s cloud-init >/dev/null 2>&1; then
+  mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled
+fi
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${packages[@]}"
 [ "$created_policy" = 1 ] && rm -f "$policy"
