@@ -42,6 +42,11 @@ def answer_file(token: str, name: str) -> Response:
         machine = machine_by_install_token(session, token)
         if machine is None:
             return _unknown_token(session, f"request for {name[:64]}")
+        bootenv = st.catalog.bootenvs.get(machine.bootenv)
+        if bootenv is not None and name not in bootenv.templates:
+            # e.g. cloud-init asking for an optional NoCloud network-config: not an error.
+            return Response(f"no file {name[:64]!r} in bootenv {bootenv.name}\n", status=404,
+                            mimetype="text/plain")
         try:
             body = render_machine_file(st.config, session, st.catalog, machine, name,
                                        current_target())
