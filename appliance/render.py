@@ -8,6 +8,7 @@ variable, never an empty string in what a machine receives.
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ class Renderer:
         )
         self.env.filters["basename"] = lambda path: str(path).rsplit("/", 1)[-1]
         self.env.filters["grub_words"] = grub_words
+        self.env.filters["shquote"] = lambda value: shlex.quote(str(value))
         self._strings: dict[str, Any] = {}
 
     def render(self, template: str, machine: str, context: dict[str, Any]) -> str:

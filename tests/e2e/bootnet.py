@@ -59,9 +59,11 @@ def _listening(ns: netns.Namespace) -> bool:
 
 @contextmanager
 def serving(ns: netns.Namespace, workdir: Path, images: dict[str, Path],
-            before_start=None) -> Iterator[BootNet]:  # type: ignore[no-untyped-def]
+            before_start=None, subnet_options: tuple[str, ...] = ()  # type: ignore[no-untyped-def]
+            ) -> Iterator[BootNet]:
     """The appliance serving the boot network in ``ns``, with ``images`` (path relative to
-    the images directory -> file to copy) in place; ``before_start(app)`` runs CLI setup."""
+    the images directory -> file to copy) in place; ``before_start(app)`` runs CLI setup;
+    ``subnet_options`` go to ``subnet add`` (e.g. ``--router``)."""
     netns.bridge(ns, BRIDGE, f"{SERVER}/24")
     state_dir = workdir / "state"
     for rel, source in images.items():
@@ -73,7 +75,7 @@ def serving(ns: netns.Namespace, workdir: Path, images: dict[str, Path],
         state_dir=state_dir, port=HTTP_PORT, server=SERVER, bridge=BRIDGE))
     app.cli("db", "upgrade")
     app.cli("subnet", "add", SUBNET, "--pool", POOL, "--next-server", SERVER,
-            "--lease-time", "600")
+            "--lease-time", "600", *subnet_options)
     if before_start is not None:
         before_start(app)
     app.start()
