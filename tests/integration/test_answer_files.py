@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -498,6 +499,8 @@ def test_boot_script_boots_the_installer(env: Env, bootenv: str) -> None:
         try:
             script = render_machine_file(env.config, session, env.catalog, machine,
                                          "boot.ipxe", TARGET)
+            grub = render_machine_file(env.config, session, env.catalog, machine,
+                                       "grub.cfg", TARGET)
         finally:
             for rel in spec.boot_files():
                 (env.config.images_dir / rel).unlink()
@@ -513,6 +516,17 @@ def test_boot_script_boots_the_installer(env: Env, bootenv: str) -> None:
         assert f"initrd --name {initrd.rsplit('/', 1)[-1]} {TARGET.base_url}/images/{initrd}" \
             in script
     assert "{{" not in script
+    # The GRUB config of the same boot: GRUB's own parser accepts it, and the kernel line
+    # carries the same parameters (words GRUB would split, such as ';', quoted).
+    path = env.out / bootenv / "grub.cfg"
+    path.write_text(grub)
+    check = run(tool("grub-script-check", "grub-common"), str(path))
+    assert check.returncode == 0, check.stdout + check.stderr + grub
+    uefi = spec.firmware["uefi"]
+    host = TARGET.base_url.removeprefix("http://")
+    (linux,) = [line.strip() for line in grub.splitlines() if line.strip().startswith("linux ")]
+    assert linux.startswith(f"linux (http,{host})/images/{uefi.kernel} ")
+    assert shlex.split(linux)[2:] == params.split()
 
 
 def test_cli_renders_what_the_machine_gets(env: Env) -> None:
