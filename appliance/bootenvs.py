@@ -134,7 +134,7 @@ def _firmware(data: Any, where: str) -> dict[str, FirmwareBoot]:
         if not isinstance(entry, dict):
             raise BootenvError(f"{where}: field {key!r}: expected a mapping with kernel, "
                                f"initrds, loader")
-        unknown = sorted(set(entry) - {"kernel", "initrds", "loader"})
+        unknown = sorted(map(str, set(entry) - {"kernel", "initrds", "loader"}))
         if unknown:
             raise BootenvError(f"{where}: field {key!r}: unknown field(s): "
                                f"{', '.join(unknown)}")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from appliance import __version__, inventory, profiles
 from appliance.config import Config, ConfigError, load_config
 from appliance.db import Database, current_revision, read_counters
+from appliance.render import RenderError
 
 if TYPE_CHECKING:
     from appliance.catalog import Catalog
@@ -194,8 +195,6 @@ def cmd_machine(args: argparse.Namespace, config: Config) -> int:
             print(f"machine {machine.mac} updated")
             return 0
         row = inventory.as_dict(machine)
-        row.pop("install_token", None)
-        row.pop("seed_token", None)
         row["install_in_progress"] = bool(machine.install_token)
         bootenv = catalog.bootenvs.get(machine.bootenv)
         try:
@@ -415,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(config.log_level)
     try:
         return args.func(args, config)
-    except (inventory.InventoryError, ValueError) as exc:
+    except (inventory.InventoryError, ValueError, RenderError) as exc:
         print(f"appliance: {exc}", file=sys.stderr)
         return 2
 

@@ -31,7 +31,8 @@ MAX_CLIENT = 45
 TRUNCATED_MARK = " [truncated]"
 SOURCES = ("syslog", "upload")
 #: Lease states that tie an address to a machine right now.
-CURRENT_LEASE_STATES = ("bound", "offered")
+#: An offered (not yet bound) address could be claimed by a spoofing sender.
+CURRENT_LEASE_STATES = ("bound",)
 #: A machine whose previous line is older than this starts a new install log: one
 #: ``installer-log-started`` event, not one per line.
 LOG_STARTED_GAP = dt.timedelta(minutes=10)
@@ -74,7 +75,7 @@ def normalize_address(ip: str) -> str:
 
 
 def machine_for_address(session: Session, ip: str) -> Machine | None:
-    """The machine holding a current (bound or offered, unexpired) lease on ``ip``."""
+    """The machine holding a current (bound, unexpired) lease on ``ip``."""
     ip = normalize_address(ip)
     lease = session.scalar(
         select(Lease).where(

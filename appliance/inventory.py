@@ -7,6 +7,7 @@ InventoryError with a message naming the bad value.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from sqlalchemy import select
@@ -19,6 +20,26 @@ from appliance.models import Event, Lease, Machine, Reservation, Subnet, utcnow
 
 class InventoryError(ValueError):
     """A request was refused; the message says which value is wrong and why."""
+
+
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def hostname_problem(name: str) -> str | None:
+    """Why ``name`` is not an RFC 1123 host name (it goes into answer files), or None."""
+    if not name or len(name) > 253:
+        return "must be 1 to 253 characters"
+    if not all(_LABEL.match(label) for label in name.split(".")):
+        return ("must be dot-separated labels of letters, digits and '-' (1-63 each, "
+                "not starting or ending with '-')")
+    return None
+
+
+def check_hostname(name: str | None) -> None:
+    if name:
+        problem = hostname_problem(name)
+        if problem:
+            raise InventoryError(f"hostname {name[:80]!r}: {problem}")
 
 
 def _address(field: str, text: str) -> ipaddress.IPv4Address:
@@ -96,6 +117,7 @@ def add_reservation(session: Session, mac: str, ip: str, hostname: str | None = 
         mac = normalize_mac(mac)
     except ValueError as exc:
         raise InventoryError(f"mac: {exc}") from None
+    check_hostname(hostname)
     addr = _address("ip", ip)
     subnet = next((s for s in list_subnets(session)
                    if addr in ipaddress.IPv4Network(s.network)), None)
@@ -137,6 +159,7 @@ def add_machine(session: Session, mac: str, hostname: str | None = None,
         mac = normalize_mac(mac)
     except ValueError as exc:
         raise InventoryError(f"mac: {exc}") from None
+    check_hostname(hostname)
     if session.scalar(select(Machine).where(Machine.mac == mac)):
         raise InventoryError(f"mac: machine {mac} already exists")
     now = utcnow()
@@ -168,10 +191,16 @@ def list_events(session: Session, mac: str | None = None, limit: int = 100) -> l
     return list(reversed(list(session.scalars(query))))
 
 
+#: Columns that are credentials: never shown by the CLI, the API or the UI.
+SECRET_COLUMNS = frozenset({"install_token", "seed_token"})
+
+
 def as_dict(row: Any) -> dict[str, Any]:
-    """Plain columns of a row, for JSON output."""
+    """Plain columns of a row, for JSON output (credentials left out)."""
     out = {}
     for column in row.__table__.columns:
+        if column.key in SECRET_COLUMNS:
+            continue
         value = getattr(row, column.key)
         out[column.key] = value.isoformat() if hasattr(value, "isoformat") else value
     return out

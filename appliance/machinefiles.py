@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from appliance.bootenvs import RESERVED_FILES, Bootenv
 from appliance.catalog import Catalog
 from appliance.config import Config
+from appliance.inventory import hostname_problem
 from appliance.models import Lease, Machine, Profile, Reservation, Subnet, utcnow
 from appliance.params import Layer, ParamError, effective_params
 from appliance.render import RenderError
@@ -98,6 +99,10 @@ def render_context(config: Config, session: Session, bootenv: Bootenv, machine: 
         raise RenderError(f"bootenv {bootenv.name}", machine.mac, str(exc)) from None
     hostname = params.get("hostname") or machine.hostname or _reserved_hostname(
         session, machine) or "m" + machine.mac.replace(":", "")
+    problem = hostname_problem(str(hostname))
+    if problem:  # it goes unquoted into answer files
+        raise RenderError(f"bootenv {bootenv.name}", machine.mac,
+                          f"hostname {str(hostname)[:80]!r}: {problem}")
     base = target.base_url
     install_url = f"{base}/install/{machine.install_token}" if machine.install_token else ""
     syslog = getattr(config, "syslog", None)

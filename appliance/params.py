@@ -61,7 +61,7 @@ def parse_spec(name: str, data: Any, where: str) -> ParamSpec:
     if not isinstance(data, dict):
         raise ParamError(f"{where}: param {name!r}: expected a mapping with type/default/"
                          f"required")
-    unknown = sorted(set(data) - {"type", "required", "default", "description"})
+    unknown = sorted(map(str, set(data) - {"type", "required", "default", "description"}))
     if unknown:
         raise ParamError(f"{where}: param {name!r}: unknown field(s): {', '.join(unknown)}")
     kind = data.get("type", "string")

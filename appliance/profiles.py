@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from appliance.bootenvs import Bootenv
 from appliance.catalog import Catalog
+from appliance.inventory import InventoryError, check_hostname
 from appliance.lifecycle import record_event
 from appliance.mac import normalize_mac
 from appliance.machinefiles import GLOBAL_PROFILE, machine_params, start_install
@@ -94,23 +95,43 @@ def set_profile(session: Session, catalog: Catalog, name: str, values: Mapping[s
     if not _PROFILE_NAME.match(name):
         raise ProfileError(f"profile name {name!r}: use letters, digits, '.', '_' or '-'")
     check_values(catalog, values, f"profile {name}")
-    profile = session.scalar(select(Profile).where(Profile.name == name))
-    if profile is None:
-        profile = Profile(name=name, params={}, description="")
-        session.add(profile)
-    params = dict(profile.params or {})
-    params.update(values)
-    for key in unset:
-        if key not in params:
-            raise ProfileError(f"profile {name}: param {key!r} is not set")
-        params.pop(key)
-    profile.params = params
-    if description is not None:
-        profile.description = description
-    session.flush()
+    # A savepoint: a refused change leaves the caller's session as it was.
+    with session.begin_nested():
+        profile = session.scalar(select(Profile).where(Profile.name == name))
+        if profile is None:
+            profile = Profile(name=name, params={}, description="")
+            session.add(profile)
+        params = dict(profile.params or {})
+        params.update(values)
+        for key in unset:
+            if key not in params:
+                raise ProfileError(f"profile {name}: param {key!r} is not set")
+            params.pop(key)
+        profile.params = params
+        if description is not None:
+            profile.description = description
+        session.flush()
+        _check_installs_still_render(session, catalog, name)
     record_event(session, None, actor, "profile-set", f"profile {name} updated",
                  {"profile": name, "set": sorted(values), "unset": sorted(unset)})
     return profile
+
+
+def _check_installs_still_render(session: Session, catalog: Catalog, profile: str) -> None:
+    """Refuse a profile change that would break an install in progress (its answer files
+    are fetched from now on with the new values)."""
+    installing = session.scalars(select(Machine).where(Machine.install_token.is_not(None)))
+    for machine in installing:
+        if profile != GLOBAL_PROFILE and profile not in (machine.profiles or []):
+            continue
+        bootenv = catalog.bootenvs.get(machine.bootenv)
+        if bootenv is None:
+            continue
+        try:
+            machine_params(session, bootenv, machine)
+        except ParamError as exc:
+            raise ProfileError(f"profile {profile}: change refused, machine {machine.mac} is "
+                               f"installing {bootenv.name} with it: {exc}") from None
 
 
 def delete_profile(session: Session, name: str, actor: str = "cli") -> None:
@@ -161,6 +182,12 @@ def configure_machine(session: Session, catalog: Catalog, machine: Machine, *,
     """
     values = dict(values or {})
     check_values(catalog, values, f"machine {machine.mac}")
+    try:
+        check_hostname(hostname)
+        if isinstance(values.get("hostname"), str):
+            check_hostname(values["hostname"])
+    except InventoryError as exc:
+        raise ProfileError(str(exc)) from None
     if bootenv is not None and bootenv not in catalog.bootenvs:
         refused = [e for e in catalog.errors if f"/{bootenv}.yaml" in e]
         raise ProfileError(f"bootenv {bootenv!r} is not defined" +

@@ -3,8 +3,8 @@
 HTTP(S) downloads resume: an existing ``.part`` is hashed first and continued with a
 ``Range: bytes=N-`` request. A server that answers 200 instead of 206 sends the whole
 file, so the part restarts from zero. A download cut off midway keeps its ``.part`` for
-the next attempt. Local files are hard-linked when on the same filesystem, else copied;
-their source is never moved or changed.
+the next attempt. Local files are copied (never linked: the store owns its bytes); their
+source is never moved or changed.
 
 Nothing here decides whether the bytes are good: the caller compares the sha256.
 """
@@ -58,7 +58,7 @@ def sha256_file(path: Path) -> tuple[str, int]:
 
 def fetch_local(label: str, source: Path, part: Path, progress: Progress,
                 title: str = "") -> Fetched:
-    """Link or copy ``source`` to ``part`` and hash it. ``label`` starts error messages,
+    """Copy ``source`` to ``part`` and hash it. ``label`` starts error messages,
     ``title`` (default: the label) names the transfer in the progress output."""
     if not source.is_file():
         raise FetchError(f"{label}: no such file")
@@ -68,20 +68,17 @@ def fetch_local(label: str, source: Path, part: Path, progress: Progress,
     total = source.stat().st_size
     progress.start(title or label, total, verb="reading")
     try:
-        try:
-            os.link(source, part)
-        except OSError:
-            with source.open("rb") as src, part.open("wb") as dst:
-                size = 0
-                while chunk := src.read(CHUNK):
-                    hasher.update(chunk)
-                    dst.write(chunk)
-                    size += len(chunk)
-                    progress.update(size)
-                dst.flush()
-                os.fsync(dst.fileno())
-        else:
-            size = _hash_file(part, hasher, progress)
+        # Always a copy: a hard link would share the inode with a file outside the store,
+        # and whoever can write that file could change what is served after the check.
+        with source.open("rb") as src, part.open("wb") as dst:
+            size = 0
+            while chunk := src.read(CHUNK):
+                hasher.update(chunk)
+                dst.write(chunk)
+                size += len(chunk)
+                progress.update(size)
+            dst.flush()
+            os.fsync(dst.fileno())
     except OSError as exc:
         part.unlink(missing_ok=True)
         raise FetchError(f"{label}: cannot read {source}: {exc.strerror or exc}") from None

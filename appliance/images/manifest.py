@@ -33,7 +33,7 @@ def load_manifest(path: Path) -> tuple[list[ArtifactSpec], list[str]]:
         return [], []
     if not isinstance(data, dict):
         return [], [f"{path}: expected a mapping with an 'artifacts' list at the top level"]
-    unknown = sorted(set(data) - {"artifacts"})
+    unknown = sorted(map(str, set(data) - {"artifacts"}))
     errors: list[str] = []
     if unknown:
         errors.append(f"{path}: unknown top-level field(s): {', '.join(map(str, unknown))}")

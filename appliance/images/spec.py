@@ -54,7 +54,7 @@ def parse_artifact(data: Any, where: str) -> ArtifactSpec:
     if not isinstance(data, dict):
         raise ArtifactError(f"{where}: expected a mapping with name, source, sha256")
     known = {"name", "source", "sha256", "size", "path", "extract", "description"}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(map(str, set(data) - known))
     if unknown:
         raise ArtifactError(f"{where}: unknown field(s): {', '.join(unknown)}")
     name = data.get("name")

@@ -32,6 +32,10 @@ def create_app(config: Config | None = None, db: Database | None = None) -> Flas
     for error in catalog.errors:
         log.error("refused: %s", error)
     app = Flask(__name__)
+    # No request body is needed beyond an installer's log upload.
+    from appliance.web.install import MAX_LOG_BYTES
+
+    app.config["MAX_CONTENT_LENGTH"] = MAX_LOG_BYTES
     app.extensions["appliance"] = WebState(config, db, catalog)
 
     from appliance.web.boot import boot

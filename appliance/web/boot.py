@@ -10,7 +10,7 @@ from flask import Blueprint, Response, abort, request
 from appliance.lifecycle import record_event, record_seen
 from appliance.mac import normalize_mac
 from appliance.machinefiles import BootTarget, render_boot_script, render_machine_file
-from appliance.render import RenderError
+from appliance.render import RenderError, grub_words
 from appliance.web import state
 from appliance.web.files import send_path
 
@@ -69,8 +69,7 @@ def grub_config(mac: str) -> Response:
         except RenderError as exc:
             record_event(session, machine, "http", "boot-script-error", str(exc))
             log.error("grub config for %s: %s", mac, exc)
-            message = " ".join(str(exc).split()).replace('"', "'")
-            config = f'echo "{message}"\nsleep 60\nreboot\n'
+            config = f"echo {grub_words(str(exc))}\nsleep 60\nreboot\n"
         else:
             record_event(session, machine, "http", "boot-script",
                          f"served GRUB config for bootenv {machine.bootenv}",

@@ -1,16 +1,22 @@
 """Endpoints an installing machine uses: its answer files, log upload, install finished.
 
 Every URL carries the machine's one-time install token (from its kernel command line),
-never a guessable id. An unknown token gets 404 and an event, never another machine's data.
+never a guessable id. An unknown token gets 404 (and an event, at most one per client
+per minute), never another machine's data. The token stops working when the install
+reports done.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 
 from flask import Blueprint, Response, request
+from sqlalchemy import update
 
+from appliance.installlogs import LogLine, record_install_lines, trim_install_logs
 from appliance.lifecycle import record_event
 from appliance.machinefiles import machine_by_install_token, render_machine_file
 from appliance.models import Machine
@@ -22,16 +28,33 @@ log = logging.getLogger("appliance.http")
 
 install = Blueprint("install", __name__)
 
-#: Largest log upload accepted in one request.
+#: Largest log upload accepted in one request (also the app's MAX_CONTENT_LENGTH).
 MAX_LOG_BYTES = 8 * 1024 * 1024
+#: Most lines stored from one upload; the rest is summarised in one line.
+MAX_LOG_LINES = 10_000
 #: The bootenv machines boot once their install reported done.
 AFTER_INSTALL_BOOTENV = "local"
+#: Seconds between two unknown-token events for one client (the rest only 404).
+UNKNOWN_TOKEN_EVENT_INTERVAL = 60.0
+
+_unknown_seen: dict[str, float] = {}
+_unknown_lock = threading.Lock()
 
 
 def _unknown_token(session, what: str) -> Response:  # type: ignore[no-untyped-def]
-    record_event(session, None, "http", "install-token-unknown",
-                 f"{what} with an unknown install token from {request.remote_addr}",
-                 {"client": request.remote_addr, "path": request.path[:200]})
+    client = request.remote_addr or ""
+    now = time.monotonic()
+    with _unknown_lock:
+        recent = now - _unknown_seen.get(client, -UNKNOWN_TOKEN_EVENT_INTERVAL) \
+            < UNKNOWN_TOKEN_EVENT_INTERVAL
+        if not recent:
+            if len(_unknown_seen) > 10_000:
+                _unknown_seen.clear()
+            _unknown_seen[client] = now
+    if not recent:
+        record_event(session, None, "http", "install-token-unknown",
+                     f"{what} with an unknown install token from {client}",
+                     {"client": client, "path": request.path[:200]})
     return Response("unknown or expired install token\n", status=404, mimetype="text/plain")
 
 
@@ -62,26 +85,32 @@ def answer_file(token: str, name: str) -> Response:
     return Response(body, mimetype="text/plain")
 
 
-def _log_lines(machine: Machine) -> list[str]:
+def _log_lines() -> list[str]:
     """Lines of an upload: plain text, or a cloud-init/subiquity webhook event (JSON)."""
-    raw = request.get_data(cache=False)[:MAX_LOG_BYTES]
-    text = raw.decode("utf-8", errors="replace")
+    raw = request.stream.read(MAX_LOG_BYTES + 1)
+    truncated = len(raw) > MAX_LOG_BYTES
+    text = raw[:MAX_LOG_BYTES].decode("utf-8", errors="replace")
+    lines = text.splitlines()
     if request.mimetype == "application/json" or text.lstrip().startswith("{"):
         try:
             event = json.loads(text)
         except json.JSONDecodeError:
-            return text.splitlines()
+            event = None
         if isinstance(event, dict):
             parts = [str(event.get(k, "")) for k in
                      ("event_type", "name", "result", "description") if event.get(k)]
-            return [" ".join(parts) or text]
-    return text.splitlines()
+            lines = [" ".join(parts) or text]
+    lines = [line for line in lines if line.strip()]
+    if len(lines) > MAX_LOG_LINES or truncated:
+        dropped = max(0, len(lines) - MAX_LOG_LINES)
+        lines = lines[:MAX_LOG_LINES]
+        over = f", body over {MAX_LOG_BYTES} bytes" if truncated else ""
+        lines.append(f"[appliance: upload cut: {dropped} more lines{over}]")
+    return lines
 
 
 @install.post("/install/<token>/log")
 def upload_log(token: str) -> Response:
-    from appliance.installlogs import LogLine, record_install_lines
-
     if (request.content_length or 0) > MAX_LOG_BYTES:
         return Response("log upload too large\n", status=413, mimetype="text/plain")
     st = state()
@@ -91,24 +120,34 @@ def upload_log(token: str) -> Response:
             return _unknown_token(session, "log upload")
         program = request.args.get("program", "upload")[:64]
         lines = [LogLine(severity=None, program=program, message=line, at=None)
-                 for line in _log_lines(machine) if line.strip()]
+                 for line in _log_lines()]
         count = record_install_lines(session, machine, "upload", request.remote_addr or "",
                                      lines)
+        session.flush()
+        trim_install_logs(session, st.config.syslog.max_lines_per_machine, [machine.id])
     return Response(f"stored {count} lines\n", mimetype="text/plain")
 
 
 @install.post("/install/<token>/done")
 def install_done(token: str) -> Response:
-    """The installer's last step: the machine boots its own disk from now on."""
+    """The installer's last step: the machine boots its own disk from now on, and the
+    install token stops working (one conditional UPDATE: of two concurrent reports, or
+    a report racing a new assignment, exactly one wins)."""
     st = state()
     with st.db.session() as session:
         machine = machine_by_install_token(session, token)
         if machine is None:
             return _unknown_token(session, "install-finished report")
-        if machine.bootenv == AFTER_INSTALL_BOOTENV:
-            return Response("already reported\n", mimetype="text/plain")
         installed = machine.bootenv
-        machine.bootenv = AFTER_INSTALL_BOOTENV
+        result = session.execute(
+            update(Machine)
+            .where(Machine.id == machine.id, Machine.install_token == token,
+                   Machine.bootenv == installed)
+            .values(bootenv=AFTER_INSTALL_BOOTENV, install_token=None)
+            .execution_options(synchronize_session=False))
+        if result.rowcount != 1:
+            return Response("install token no longer valid\n", status=409,
+                            mimetype="text/plain")
         record_event(session, machine, "machine", "install-finished",
                      f"{installed} install finished; next boot from local disk",
                      {"bootenv": installed, "client": request.remote_addr})

@@ -17,7 +17,7 @@ from appliance.config import Config
 from appliance.db import Database
 from appliance.lifecycle import record_seen
 from appliance.machinefiles import BootTarget, render_machine_file
-from appliance.models import Event, Machine
+from appliance.models import Event, Machine, Profile
 from appliance.params import ParamError, ParamSpec, coerce_text
 from appliance.paths import shipped_dir
 from appliance.profiles import ProfileError, configure_machine, parse_assignments, set_profile
@@ -111,6 +111,11 @@ def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
     ("name: bad\nlocal_boot: true\nparams: {n: {type: integer, default: ten}}\n",
      "param 'n' (default): expected integer, got string \"ten\""),
     ("name: bad\nlocal_boot: true\nparams: {n: {required: yes please}}\n", "'required'"),
+    # YAML 1.1 reads on/yes as booleans: a non-string key is an error, not a crash
+    ("name: bad\nlocal_boot: true\nparams: {n: {type: string, on: x}}\n",
+     "param 'n': unknown field(s): True"),
+    ("name: bad\nfirmware: {bios: {kernel: a/b, yes: 1}}\n", "unknown field(s): True"),
+    ("name: bad\nlocal_boot: true\nartifacts: [{1: 2, name: a}]\n", "unknown field(s): 1"),
     ("name: bad\nlocal_boot: true\ntemplates: {../x: a.j2}\n", "not a valid file name"),
     ("name: bad\nlocal_boot: true\ntemplates: {boot.ipxe: a.j2}\n", "not a valid file name"),
     ("name: bad\nlocal_boot: true\nartifacts: [{name: a, source: /x, sha256: abc}]\n",
@@ -313,6 +318,8 @@ def test_install_endpoints(setup) -> None:  # type: ignore[no-untyped-def]
         machine = s.query(Machine).one()
         configure_machine(s, catalog, machine, bootenv="tiny")
         token = machine.install_token
+    from appliance.web import install as install_endpoints
+    install_endpoints._unknown_seen.clear()  # the per-client event rate limit
     app = create_app(config, db)
     client = app.test_client()
     base = "http://10.0.0.1:8080"
@@ -331,18 +338,32 @@ def test_install_endpoints(setup) -> None:  # type: ignore[no-untyped-def]
         "description": "install failed", "origin": "curtin"})
     assert hook.text == "stored 1 lines\n"
     assert client.post(f"/install/{'y' * 32}/log", base_url=base, data="x").status_code == 404
+    many = "".join(f"line {i}\n" for i in range(10_005))
+    cut = client.post(f"/install/{token}/log", base_url=base, data=many)
+    assert cut.text == "stored 10001 lines\n"
+    huge = client.post(f"/install/{token}/log", base_url=base, data=b"x" * (8 * 1024 * 1024 + 1))
+    assert huge.status_code == 413
     assert client.post(f"/install/{token}/done", base_url=base).text == "ok\n"
-    assert client.post(f"/install/{token}/done", base_url=base).text == "already reported\n"
+    # The install token is spent: a second report, an answer file, a log upload all 404.
+    assert client.post(f"/install/{token}/done", base_url=base).status_code == 404
+    assert client.get(f"/install/{token}/answer.cfg", base_url=base).status_code == 404
+    assert client.post(f"/install/{token}/log", base_url=base, data="x").status_code == 404
     from appliance.installlogs import read_install_logs
     with db.session() as s:
         machine = s.query(Machine).one()
         assert machine.bootenv == "local"
-        lines = [(x.source, x.program, x.message) for x in read_install_logs(s, machine.id)]
-        assert lines == [("upload", "anaconda", "line one"), ("upload", "anaconda", "line two"),
-                         ("upload", "upload", "finish subiquity/Install FAIL install failed")]
+        assert machine.install_token is None
+        lines = [(x.source, x.program, x.message)
+                 for x in read_install_logs(s, machine.id, limit=20_000)]
+        assert lines[:3] == [("upload", "anaconda", "line one"),
+                             ("upload", "anaconda", "line two"),
+                             ("upload", "upload", "finish subiquity/Install FAIL install failed")]
+        assert lines[-1] == ("upload", "upload", "[appliance: upload cut: 5 more lines]")
+        assert len(lines) == 3 + 10_001
         kinds = [e.kind for e in s.query(Event).order_by(Event.id)]
     assert kinds.count("answer-file") == 1
-    assert "answer-file-error" not in kinds and "install-token-unknown" in kinds
+    assert "answer-file-error" not in kinds
+    assert kinds.count("install-token-unknown") == 1  # one per client per minute
     assert kinds.count("install-finished") == 1
 
 
@@ -391,3 +412,29 @@ def test_cli_enroll_configure_render(setup, tmp_path: Path) -> None:  # type: ig
     listing = cli("bootenvs", "--json")
     assert listing.returncode == 0, listing.stderr
     assert {b["name"] for b in json.loads(listing.stdout)["bootenvs"]} == {"tiny", "local"}
+
+
+def test_profile_change_that_breaks_an_install_is_refused(setup) -> None:  # type: ignore[no-untyped-def]
+    _config, db, catalog = setup
+    with db.session() as s:
+        set_profile(s, catalog, "global", {"ssh_authorized_keys": ["k"]})
+        configure_machine(s, catalog, s.query(Machine).one(), bootenv="tiny")
+    with db.session() as s, pytest.raises(ProfileError, match=(
+            f"profile global: change refused, machine {MAC} is installing tiny with it: .*"
+            "required param\\(s\\) 'ssh_authorized_keys' not set")):
+        set_profile(s, catalog, "global", {}, unset=["ssh_authorized_keys"])
+    with db.session() as s:
+        assert s.query(Profile).filter_by(name="global").one().params == {
+            "ssh_authorized_keys": ["k"]}
+
+
+@pytest.mark.parametrize("hostname", ["bad host", "a\nd-i preseed/late_command string x",
+                                      "-lead.example", "x" * 64])
+def test_bad_hostname_is_refused(setup, hostname: str) -> None:  # type: ignore[no-untyped-def]
+    _config, db, catalog = setup
+    with db.session() as s:
+        machine = s.query(Machine).one()
+        with pytest.raises(ProfileError, match="hostname .*: must be"):
+            configure_machine(s, catalog, machine, hostname=hostname)
+        with pytest.raises(ProfileError, match="hostname .*: must be"):
+            configure_machine(s, catalog, machine, values={"hostname": hostname})
