@@ -20,8 +20,10 @@ install -d -m 0755 /etc/appliance
 [ -f /etc/appliance/appliance.toml ] || install -m 0644 "$src/systemd/appliance.toml" \
   /etc/appliance/appliance.toml
 install -d -m 0750 -o appliance -g appliance /var/lib/appliance
-# The image unknown machines boot (kernel + busybox initrd from Debian packages).
-"$src/images/build-discovery.sh" /var/lib/appliance/images/discovery
+# The appliance's own image (kernel + busybox initrd from Debian packages): unknown
+# machines boot it as discovery, the image-deploy bootenv as its deploy step.
+"$src/images/build-initrd.sh" /var/lib/appliance/images/discovery \
+  /var/lib/appliance/images/deploy
 chown -R appliance:appliance /var/lib/appliance/images
 install -m 0644 "$src/systemd/appliance.service" /etc/systemd/system/appliance.service
 if [ -d /run/systemd/system ]; then

@@ -1,6 +1,7 @@
-"""Fixtures of the VM boot tests: the discovery image (built once, cached outside the
-repository), the accelerator (KVM if a probe boot proves it works, else TCG), and a
-summary of what ran at the end of the pytest output."""
+"""Fixtures of the VM boot tests: the discovery and deploy images (one initrd built once
+by images/build-initrd.sh, cached outside the repository), the accelerator (KVM if a probe
+boot proves it works, else TCG), and a summary of what ran at the end of the pytest
+output."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tests.e2e import vm
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "images" / "build-discovery.sh"
+DEPLOY_BUILD_SCRIPT = REPO / "images" / "build-deploy.sh"
 
 #: Lines printed in the terminal summary (accelerator, boot times).
 SUMMARY: list[str] = []
@@ -59,21 +61,32 @@ def vm_host() -> None:
             _missing_or_skip(f"{path} (apt-get install {pkg})")
 
 
+def _build_images(script: Path, what: str, tmp_path_factory, pytestconfig) -> Path:  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp(f"{what}-images")
+    proc = subprocess.run(["bash", str(script), str(out)], capture_output=True,
+                          text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    for line in proc.stdout.split("\n"):
+        if line.strip():
+            say(pytestconfig, f"e2e: {what} image {line.strip()}")
+    for name in ("vmlinuz", "initrd.img"):
+        assert (out / name).stat().st_size > 0, f"{name} not built"
+    return out
+
+
 @pytest.fixture(scope="session")
 def discovery_images(vm_host, tmp_path_factory, pytestconfig) -> Path:  # type: ignore[no-untyped-def]
     """vmlinuz + initrd.img built by images/build-discovery.sh (cached across runs in
     $APPLIANCE_BUILD_CACHE, default /var/cache/appliance-build)."""
-    out = tmp_path_factory.mktemp("discovery-images")
-    proc = subprocess.run(["bash", str(BUILD_SCRIPT), str(out)], capture_output=True,
-                          text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"{BUILD_SCRIPT} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    for line in proc.stdout.split("\n"):
-        if line.strip():
-            say(pytestconfig, f"e2e: discovery image {line.strip()}")
-    for name in ("vmlinuz", "initrd.img"):
-        assert (out / name).stat().st_size > 0, f"{name} not built"
-    return out
+    return _build_images(BUILD_SCRIPT, "discovery", tmp_path_factory, pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def deploy_images(vm_host, tmp_path_factory, pytestconfig) -> Path:  # type: ignore[no-untyped-def]
+    """vmlinuz + initrd.img of the image-deploy bootenv, built by images/build-deploy.sh
+    (the same initrd as discovery, so a second build is only a reinstall from the cache)."""
+    return _build_images(DEPLOY_BUILD_SCRIPT, "deploy", tmp_path_factory, pytestconfig)
 
 
 @pytest.fixture(scope="session")

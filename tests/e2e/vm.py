@@ -2,8 +2,10 @@
 
 A VM here is a PXE client and nothing else: its only NIC is a tap enslaved to a bridge
 inside the test's network namespace (``-netdev tap``, never ``-netdev user``, which
-would forward the guest's traffic out of the namespace), it has no disk, its serial
-console goes to a file that the test keeps, and QEMU is tracked and killed by PID.
+would forward the guest's traffic out of the namespace), it has no disk unless the test
+gives it one (``disk``: an image file attached as a virtio disk, e.g. a blank qcow2 from
+``blank_disk``), its serial console goes to a file that the test keeps, and QEMU is
+tracked and killed by PID.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ class VM:
     nic: str = "virtio-net-pci"
     #: NIC option ROM: None keeps QEMU's (iPXE), "" removes it (firmware's own PXE).
     romfile: str | None = None
+    #: An image file attached as the VM's disk (None: no disk); it still boots from the
+    #: network first (``-boot n``).
+    disk: Path | None = None
+    disk_format: str = "qcow2"
+    disk_interface: str = "virtio"
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
     exited_at: float | None = None
@@ -85,6 +92,9 @@ class VM:
                "-no-reboot", "-serial", f"file:{self.serial_path}", "-boot", "n",
                "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
                "-device", dev]
+        if self.disk is not None:
+            cmd += ["-drive", f"file={self.disk},format={self.disk_format},"
+                              f"if={self.disk_interface},cache=writeback"]
         if self.firmware == "uefi":
             vars_copy = self.workdir / f"OVMF_VARS-{self.mac.replace(':', '')}.fd"
             shutil.copyfile(OVMF_VARS, vars_copy)
@@ -151,6 +161,25 @@ class VM:
             self.running()
             self.ns.stop(self.proc, timeout=5)
             self.proc = None
+
+
+def blank_disk(path: Path, size: str = "64M") -> Path:
+    """A new, empty qcow2 disk image at ``path`` (``qemu-img create``)."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True,
+                   capture_output=True, timeout=60)
+    return path
+
+
+def read_disk(path: Path, length: int, fmt: str = "qcow2") -> bytes:
+    """The first ``length`` bytes of a disk image as the guest sees them."""
+    raw = path.with_name(path.name + ".raw")
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(raw)],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        with raw.open("rb") as f:
+            return f.read(length)
+    finally:
+        raw.unlink()
 
 
 def probe_boot(images: Path, workdir: Path, accel: Accel, timeout: float = 40) -> tuple[bool, str]:
