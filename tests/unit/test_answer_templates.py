@@ -257,3 +257,35 @@ def test_answer_files_need_an_install_in_progress(setup) -> None:  # type: ignor
         with pytest.raises(RenderError) as err:
             render_machine_file(config, session, catalog, m, "ks.cfg", TARGET)
     assert "no install token" in str(err.value)
+
+
+# ---- image-deploy orders ----------------------------------------------------------------
+
+def _deploy(setup, values: dict):  # type: ignore[no-untyped-def]
+    config, db, catalog = setup
+    with db.session() as session:
+        set_profile(session, catalog, "global", {"ssh_authorized_keys": [KEY]})
+        m = machine(session)
+        configure_machine(session, catalog, m, bootenv="image-deploy", values=values)
+        return render_machine_file(config, session, catalog, m, "deploy.env", TARGET)
+
+
+def test_deploy_env_is_shell_that_cannot_run_a_param(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    hostile = "os/x.raw'; touch " + str(tmp_path / "pwned") + "; '"
+    text = _deploy(setup, {**DEPLOY, "image": hostile + ".zst"})
+    script = tmp_path / "deploy.env"
+    script.write_text(text + 'printf "%s\\n" "$DEPLOY_IMAGE" "$DEPLOY_COMPRESSION" '
+                             '"$DEPLOY_SHA256" "$DEPLOY_END"\n')
+    out = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"http://10.0.0.1:8080/images/{hostile}.zst", "zstd",
+                                       "0" * 64, "1"]
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("image", ["os/disk.qcow2", "https://example.test/disk.vmdk"])
+def test_deploy_refuses_vm_disk_formats(setup, image: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(RenderError, match="qemu_img_convert|qcow2|convert"):
+        _deploy(setup, {**DEPLOY, "image": image})
