@@ -259,7 +259,10 @@ def cmd_logs(args: argparse.Namespace, config: Config) -> int:
         if not args.follow:
             return 0
         sys.stdout.flush()
-        time.sleep(1)
+        try:
+            time.sleep(1)
+        except KeyboardInterrupt:  # Ctrl-C ends --follow
+            return 0
 
 
 def cmd_bootenvs(args: argparse.Namespace, config: Config) -> int:
