@@ -90,6 +90,10 @@ class Bootenv:
         """True when booting it runs an installer or deploy step that reports done."""
         return bool(self.templates)
 
+    def missing_files(self, images_dir: Path) -> list[str]:
+        """Kernels and initrds not (yet) in the image store."""
+        return [rel for rel in self.boot_files() if not (images_dir / rel).is_file()]
+
     def boot_files(self) -> list[str]:
         """Every kernel and initrd, relative to the images directory."""
         files: list[str] = []

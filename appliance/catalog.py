@@ -31,6 +31,10 @@ class Catalog:
     templates_dir: Path = Path()
     bootenvs_dir: Path = Path()
 
+    def refusal(self, name: str) -> str | None:
+        """Why the bootenv ``name`` was refused at load, if it was."""
+        return next((e for e in self.errors if f"/{name}.yaml" in e), None)
+
     def artifact_for(self, bootenv: Bootenv, rel: str) -> ArtifactSpec | None:
         """The artifact of ``bootenv`` that puts ``rel`` into the images directory."""
         for spec in bootenv.artifacts:

@@ -269,7 +269,7 @@ def cmd_bootenvs(args: argparse.Namespace, config: Config) -> int:
     catalog = _catalog(config)
     rows = []
     for env in catalog.bootenvs.values():
-        missing = [rel for rel in env.boot_files() if not (config.images_dir / rel).is_file()]
+        missing = env.missing_files(config.images_dir)
         rows.append({
             "name": env.name, "os": f"{env.os.family} {env.os.version}".strip(),
             "firmware": ",".join(env.firmware) or ("local disk" if env.local_boot else ""),

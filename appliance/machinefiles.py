@@ -33,7 +33,7 @@ from appliance.config import Config
 from appliance.inventory import hostname_problem
 from appliance.models import Lease, Machine, Profile, Reservation, Subnet, utcnow
 from appliance.params import Layer, ParamError, effective_params
-from appliance.render import RenderError
+from appliance.render import RenderError, grub_words
 
 GLOBAL_PROFILE = "global"
 
@@ -57,15 +57,22 @@ def firmware_of(arch: str | None) -> str:
     return "uefi" if arch.startswith("uefi") else "bios" if arch == "bios" else ""
 
 
-def machine_address(session: Session, machine: Machine) -> str:
-    """The machine's current lease address, else its reservation, else ""."""
+def _reservation(session: Session, machine: Machine) -> Reservation | None:
+    return session.scalar(select(Reservation).where(Reservation.mac == machine.mac))
+
+
+def _address(session: Session, machine: Machine, reservation: Reservation | None) -> str:
     lease = session.scalar(
         select(Lease).where(Lease.mac == machine.mac, Lease.state == "bound",
                             Lease.expires_at > utcnow()).order_by(Lease.id.desc()).limit(1))
     if lease is not None:
         return lease.ip
-    reservation = session.scalar(select(Reservation).where(Reservation.mac == machine.mac))
     return reservation.ip if reservation is not None else ""
+
+
+def machine_address(session: Session, machine: Machine) -> str:
+    """The machine's current lease address, else its reservation, else ""."""
+    return _address(session, machine, _reservation(session, machine))
 
 
 def param_layers(session: Session, machine: Machine) -> list[Layer]:
@@ -97,18 +104,20 @@ def render_context(config: Config, session: Session, bootenv: Bootenv, machine: 
         params = machine_params(session, bootenv, machine)
     except ParamError as exc:
         raise RenderError(f"bootenv {bootenv.name}", machine.mac, str(exc)) from None
-    hostname = params.get("hostname") or machine.hostname or _reserved_hostname(
-        session, machine) or "m" + machine.mac.replace(":", "")
+    reservation = _reservation(session, machine)
+    hostname = (params.get("hostname") or machine.hostname
+                or (reservation.hostname if reservation is not None else None)
+                or "m" + machine.mac.replace(":", ""))
     problem = hostname_problem(str(hostname))
     if problem:  # it goes unquoted into answer files
         raise RenderError(f"bootenv {bootenv.name}", machine.mac,
                           f"hostname {str(hostname)[:80]!r}: {problem}")
     base = target.base_url
     install_url = f"{base}/install/{machine.install_token}" if machine.install_token else ""
-    syslog = getattr(config, "syslog", None)
     return {
         "machine": {
-            "mac": machine.mac, "hostname": hostname, "ip": machine_address(session, machine),
+            "mac": machine.mac, "hostname": hostname,
+            "ip": _address(session, machine, reservation),
             "arch": machine.arch or "", "firmware": firmware_of(machine.arch),
         },
         "params": params,
@@ -120,7 +129,7 @@ def render_context(config: Config, session: Session, bootenv: Bootenv, machine: 
         "log_url": f"{install_url}/log" if install_url else "",
         "seed_url": f"{base}/nocloud/{machine.seed_token}/" if machine.seed_token else "",
         "syslog_host": target.server,
-        "syslog_port": getattr(syslog, "port", 514),
+        "syslog_port": config.syslog.port,
         # Shorthands the boot templates have always had.
         "mac": machine.mac,
         "base_url": base,
@@ -128,29 +137,23 @@ def render_context(config: Config, session: Session, bootenv: Bootenv, machine: 
     }
 
 
-def _reserved_hostname(session: Session, machine: Machine) -> str:
-    reservation = session.scalar(select(Reservation).where(Reservation.mac == machine.mac))
-    return (reservation.hostname or "") if reservation is not None else ""
-
-
 def bootenv_of(catalog: Catalog, machine: Machine) -> Bootenv:
     bootenv = catalog.bootenvs.get(machine.bootenv)
     if bootenv is None:
-        refused = [e for e in catalog.errors if f"/{machine.bootenv}.yaml" in e]
-        why = f" (refused: {refused[0]})" if refused else ""
+        refused = catalog.refusal(machine.bootenv)
+        why = f" (refused: {refused})" if refused else ""
         raise RenderError("bootenv", machine.mac,
                           f"boot environment {machine.bootenv!r} is not defined{why}")
     return bootenv
 
 
 def _check_images(config: Config, catalog: Catalog, bootenv: Bootenv, mac: str) -> None:
-    for rel in bootenv.boot_files():
-        if not (config.images_dir / rel).is_file():
-            spec = catalog.artifact_for(bootenv, rel)
-            how = (f"run: appliance images import {spec.name}" if spec else
-                   "build or copy it there (see images/README.md)")
-            raise RenderError(f"bootenv {bootenv.name}", mac,
-                              f"{rel} is not in the image store {config.images_dir}; {how}")
+    for rel in bootenv.missing_files(config.images_dir)[:1]:
+        spec = catalog.artifact_for(bootenv, rel)
+        how = (f"run: appliance images import {spec.name}" if spec else
+               "build or copy it there (see images/README.md)")
+        raise RenderError(f"bootenv {bootenv.name}", mac,
+                          f"{rel} is not in the image store {config.images_dir}; {how}")
 
 
 def _render_answer(catalog: Catalog, bootenv: Bootenv, machine: Machine, name: str,
@@ -206,17 +209,19 @@ def _ipxe_safe(text: str) -> str:
     return " ".join(text.split()).replace("$", "$$")[:400]
 
 
-def render_boot_script(config: Config, session: Session, catalog: Catalog, machine: Machine,
-                       target: BootTarget) -> tuple[str, str | None]:
-    """Return (script, error). On error the script prints it and asks again later."""
+def render_boot_file(config: Config, session: Session, catalog: Catalog, machine: Machine,
+                     name: str, target: BootTarget) -> tuple[str, str | None]:
+    """``boot.ipxe`` or ``grub.cfg``: return (file, error). On error the file prints the
+    error and, for iPXE, asks again later; GRUB reboots after a minute."""
     try:
-        return render_machine_file(config, session, catalog, machine, "boot.ipxe",
-                                   target), None
+        return render_machine_file(config, session, catalog, machine, name, target), None
     except RenderError as exc:
         message = str(exc)
-        script = catalog.renderer.render("ipxe/error.ipxe.j2", machine.mac, {
-            "message": _ipxe_safe(message), "base_url": target.base_url, "mac": machine.mac})
-        return script, message
+    if name == "grub.cfg":
+        return f"echo {grub_words(message)}\nsleep 60\nreboot\n", message
+    script = catalog.renderer.render("ipxe/error.ipxe.j2", machine.mac, {
+        "message": _ipxe_safe(message), "base_url": target.base_url, "mac": machine.mac})
+    return script, message
 
 
 def start_install(machine: Machine) -> None:

@@ -189,9 +189,9 @@ def configure_machine(session: Session, catalog: Catalog, machine: Machine, *,
     except InventoryError as exc:
         raise ProfileError(str(exc)) from None
     if bootenv is not None and bootenv not in catalog.bootenvs:
-        refused = [e for e in catalog.errors if f"/{bootenv}.yaml" in e]
+        refused = catalog.refusal(bootenv)
         raise ProfileError(f"bootenv {bootenv!r} is not defined" +
-                           (f" (refused: {refused[0]})" if refused else
+                           (f" (refused: {refused})" if refused else
                             f"; known: {', '.join(sorted(catalog.bootenvs))}"))
     if profiles is not None:
         for name in profiles:

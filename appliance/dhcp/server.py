@@ -38,7 +38,7 @@ from appliance.dhcp.leases import LeaseTable, SubnetInfo
 from appliance.dhcp.options import DISCOVER, MESSAGE_NAMES, PXE_PORT
 from appliance.dhcp.packets import Incoming, Outgoing
 from appliance.dhcp.proxy import ProxyHandler
-from appliance.dhcp.stats import Counters, RateLimitedLog
+from appliance.dhcp.stats import Counters
 from appliance.dhcp.steering import SteeringConfig
 from appliance.dhcp.store import (
     LeaseWriter,
@@ -48,6 +48,7 @@ from appliance.dhcp.store import (
     subnet_signature,
 )
 from appliance.dhcp.transport import Transport
+from appliance.ratelimit import RateLimitedLog
 
 log = logging.getLogger("appliance.dhcp")
 

@@ -1,9 +1,6 @@
-"""Counters of the DHCP part and rate-limited logging of dropped packets."""
+"""Counters of the DHCP part."""
 
 from __future__ import annotations
-
-import logging
-import time
 
 COUNTER_NAMES = (
     "received", "discover", "request", "decline", "release", "inform", "other_type",
@@ -31,30 +28,3 @@ class Counters(dict[str, int]):
             except RuntimeError:  # a key was added while copying (other thread)
                 continue
         return dict(self)
-
-
-class RateLimitedLog:
-    """At most ``burst`` records per ``window`` seconds; then one 'suppressed' summary."""
-
-    def __init__(self, logger: logging.Logger, burst: int = 10, window: float = 10.0) -> None:
-        self.logger = logger
-        self.burst = burst
-        self.window = window
-        self.window_start = 0.0
-        self.emitted = 0
-        self.suppressed = 0
-
-    def log(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        if now - self.window_start >= self.window:
-            if self.suppressed:
-                self.logger.log(level, "... %d similar messages suppressed in the last %.0fs",
-                                self.suppressed, self.window)
-            self.window_start = now
-            self.emitted = 0
-            self.suppressed = 0
-        if self.emitted < self.burst:
-            self.emitted += 1
-            self.logger.log(level, msg, *args, exc_info=exc_info)
-        else:
-            self.suppressed += 1

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 from appliance.config import SyslogConfig
 from appliance.db import Database
-from appliance.dhcp.stats import RateLimitedLog
 from appliance.installlogs import (
     LogLine,
     machine_for_address,
@@ -32,6 +31,7 @@ from appliance.installlogs import (
     trim_install_logs,
 )
 from appliance.models import Machine
+from appliance.ratelimit import RateLimitedLog
 
 log = logging.getLogger("appliance.syslog")
 

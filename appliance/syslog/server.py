@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 from appliance.config import Config
 from appliance.db import Database, publish_counters
-from appliance.dhcp.stats import RateLimitedLog
 from appliance.models import utcnow
+from appliance.ratelimit import RateLimitedLog
 from appliance.syslog.batch import Batcher, new_counters
 from appliance.syslog.parse import MAX_MESSAGE_BYTES, Malformed, StreamFramer, parse
 

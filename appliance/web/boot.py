@@ -9,8 +9,7 @@ from flask import Blueprint, Response, abort, request
 
 from appliance.lifecycle import record_event, record_seen
 from appliance.mac import normalize_mac
-from appliance.machinefiles import BootTarget, render_boot_script, render_machine_file
-from appliance.render import RenderError, grub_words
+from appliance.machinefiles import BootTarget, render_boot_file
 from appliance.web import state
 from appliance.web.files import send_path
 
@@ -38,43 +37,34 @@ def current_target() -> BootTarget:
     return BootTarget(base_url=base, server=host)
 
 
-@boot.get("/boot/<mac>.ipxe")
-def ipxe_script(mac: str) -> Response:
+def _boot_file(mac: str, name: str, what: str) -> Response:
+    """A machine's boot file (``what`` names it in log and events); the machine is
+    registered if unknown, and a file that cannot be rendered is an error file + event."""
     mac = _mac_or_404(mac)
     st = state()
     with st.db.session() as session:
         machine = record_seen(session, mac, f"http {request.remote_addr}", actor="http")
-        script, error = render_boot_script(st.config, session, st.catalog, machine,
-                                           current_target())
+        body, error = render_boot_file(st.config, session, st.catalog, machine, name,
+                                       current_target())
         if error:
             record_event(session, machine, "http", "boot-script-error", error)
-            log.error("boot script for %s: %s", mac, error)
+            log.error("%s for %s: %s", what, mac, error)
         else:
             record_event(session, machine, "http", "boot-script",
-                         f"served boot script for bootenv {machine.bootenv}",
+                         f"served {what} for bootenv {machine.bootenv}",
                          {"bootenv": machine.bootenv, "client": request.remote_addr})
-    return Response(script, mimetype="text/plain")
+    return Response(body, mimetype="text/plain")
+
+
+@boot.get("/boot/<mac>.ipxe")
+def ipxe_script(mac: str) -> Response:
+    return _boot_file(mac, "boot.ipxe", "boot script")
 
 
 @boot.get("/boot/<mac>.grub")
 def grub_config(mac: str) -> Response:
     """The GRUB config for UEFI machines that boot GRUB (Secure Boot) instead of iPXE."""
-    mac = _mac_or_404(mac)
-    st = state()
-    with st.db.session() as session:
-        machine = record_seen(session, mac, f"http {request.remote_addr}", actor="http")
-        try:
-            config = render_machine_file(st.config, session, st.catalog, machine, "grub.cfg",
-                                         current_target())
-        except RenderError as exc:
-            record_event(session, machine, "http", "boot-script-error", str(exc))
-            log.error("grub config for %s: %s", mac, exc)
-            config = f"echo {grub_words(str(exc))}\nsleep 60\nreboot\n"
-        else:
-            record_event(session, machine, "http", "boot-script",
-                         f"served GRUB config for bootenv {machine.bootenv}",
-                         {"bootenv": machine.bootenv, "client": request.remote_addr})
-    return Response(config, mimetype="text/plain")
+    return _boot_file(mac, "grub.cfg", "GRUB config")
 
 
 @boot.get("/boot.ipxe")
