@@ -179,6 +179,10 @@ def cmd_render(args: argparse.Namespace, config: Config) -> int:
 def cmd_machine(args: argparse.Namespace, config: Config) -> int:
     from appliance.machinefiles import machine_params
 
+    if args.action == "bmc":
+        from appliance.power.commands import run_bmc
+
+        return run_bmc(args, config)
     catalog = _catalog(config)
     db = Database(config.effective_database_url)
     with db.session() as session:
@@ -194,8 +198,11 @@ def cmd_machine(args: argparse.Namespace, config: Config) -> int:
                 values=values, unset=args.unset or [], hostname=args.hostname)
             print(f"machine {machine.mac} updated")
             return 0
+        from appliance.power.control import bmc_summary
+
         row = inventory.as_dict(machine)
         row["install_in_progress"] = bool(machine.install_token)
+        row["bmc"] = bmc_summary(machine)
         bootenv = catalog.bootenvs.get(machine.bootenv)
         try:
             row["effective_params"] = machine_params(session, bootenv, machine) \
@@ -309,9 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command("serve", cmd_serve, "run DHCP, TFTP and HTTP (the daemon)")
+    p = command("serve", cmd_serve, "run the daemon: DHCP, TFTP, HTTP, syslog and power")
     p.add_argument("--only", action="append", metavar="PART",
-                   help="run only this part (dhcp, tftp, http, syslog); repeatable")
+                   help="run only this part (dhcp, tftp, http, syslog, power); repeatable")
     p = sub.add_parser("run-part")  # internal: one part, started by `serve`
     p.set_defaults(func=cmd_run_part)
     p.add_argument("part")
@@ -370,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="profiles in order, later wins (repeat; replaces the list)")
     mset.add_argument("--hostname")
     _param_options(mset)
+    from appliance.power import commands as power_commands
+
+    power_commands.register_bmc(msub)
+    power_commands.register(sub)
 
     p = command("profile", cmd_profile, "named sets of params; 'global' applies to all")
     psub = p.add_subparsers(dest="action", required=True)

@@ -11,6 +11,7 @@ Environment overrides are ``APPLIANCE_<KEY>`` for top-level keys and
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ class HttpConfig:
     #: Address machines use to reach this appliance in URLs handed out by DHCP and
     #: scripts. Empty: the address the DHCP request arrived on.
     public_address: str = ""
+    #: Comma-separated networks whose clients may use the JSON API (``/api/v1``). It
+    #: can power machines off, so only loopback until API users and tokens exist.
+    api_networks: str = "127.0.0.0/8,::1/128"
 
 
 @dataclass
@@ -94,6 +98,23 @@ class SyslogConfig:
 
 
 @dataclass
+class PowerConfig:
+    """BMC calls (``appliance/power``): the ``power`` part's worker pool and poller."""
+
+    enabled: bool = True
+    #: BMC calls in flight at once (one at a time per machine).
+    workers: int = 32
+    #: Seconds one attempt (login included) may take before it is abandoned.
+    call_timeout: float = 10.0
+    #: Attempts per call; only timeouts and connection errors are retried.
+    attempts: int = 3
+    #: Seconds before the second attempt; doubles for each further one.
+    backoff: float = 1.0
+    #: Seconds between power state polls of each machine with a BMC; 0 turns polling off.
+    poll_interval: int = 120
+
+
+@dataclass
 class BootConfig:
     #: Directory of boot environment definitions (``*.yaml``); empty: the shipped ones.
     bootenvs_dir: str = ""
@@ -115,6 +136,7 @@ class Config:
     dhcp: DhcpConfig = field(default_factory=DhcpConfig)
     boot: BootConfig = field(default_factory=BootConfig)
     syslog: SyslogConfig = field(default_factory=SyslogConfig)
+    power: PowerConfig = field(default_factory=PowerConfig)
 
     @property
     def effective_database_url(self) -> str:
@@ -142,10 +164,24 @@ class Config:
             raise ConfigError("tftp.max_blksize: must be between 8 and 65464")
         if self.tftp.timeout <= 0 or self.tftp.retries < 0:
             raise ConfigError("tftp.timeout must be positive and tftp.retries not negative")
+        for part in self.http.api_networks.split(","):
+            try:
+                if part.strip():
+                    ipaddress.ip_network(part.strip(), strict=False)
+            except ValueError:
+                raise ConfigError(f"http.api_networks: {part.strip()!r} is not a network") \
+                    from None
         if self.http.threads < 1:
             raise ConfigError("http.threads: must be at least 1")
         if self.syslog.max_lines_per_machine < 1:
             raise ConfigError("syslog.max_lines_per_machine: must be at least 1")
+        if not 1 <= self.power.workers <= 1024:
+            raise ConfigError("power.workers: must be between 1 and 1024")
+        if self.power.call_timeout <= 0 or self.power.attempts < 1 or self.power.backoff < 0:
+            raise ConfigError("power.call_timeout must be positive, power.attempts at least 1 "
+                              "and power.backoff not negative")
+        if self.power.poll_interval < 0:
+            raise ConfigError("power.poll_interval: must be 0 (off) or more seconds")
         if self.syslog.max_unmatched_lines < 0:
             raise ConfigError("syslog.max_unmatched_lines: must be 0 or more")
 

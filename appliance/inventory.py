@@ -192,7 +192,7 @@ def list_events(session: Session, mac: str | None = None, limit: int = 100) -> l
 
 
 #: Columns that are credentials: never shown by the CLI, the API or the UI.
-SECRET_COLUMNS = frozenset({"install_token", "seed_token"})
+SECRET_COLUMNS = frozenset({"install_token", "seed_token", "bmc_password"})
 
 
 def as_dict(row: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Integer,
@@ -110,6 +111,20 @@ class Machine(Base):
     #: Per-machine token of the installed OS's cloud-init NoCloud seed URL.
     seed_token: Mapped[str | None] = mapped_column(String(64), unique=True)
 
+    #: BMC settings (``appliance/power``); no driver means no BMC: power by hand.
+    bmc_driver: Mapped[str | None] = mapped_column(String(16))
+    bmc_address: Mapped[str | None] = mapped_column(String(255))
+    bmc_port: Mapped[int | None] = mapped_column(Integer)
+    bmc_username: Mapped[str | None] = mapped_column(String(64))
+    #: Encrypted with the key in the state directory (``appliance/secretbox.py``).
+    bmc_password: Mapped[str | None] = mapped_column(Text)
+    bmc_verify_tls: Mapped[bool] = mapped_column(Boolean, default=True)
+    bmc_system_id: Mapped[str | None] = mapped_column(String(255))
+    #: Last power state the BMC reported (``on``/``off``), when, and the last error.
+    power_state: Mapped[str | None] = mapped_column(String(16))
+    power_checked_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    power_error: Mapped[str | None] = mapped_column(Text)
+
     events: Mapped[list[Event]] = relationship(back_populates="machine")
 
 
@@ -129,6 +144,36 @@ class Event(Base):
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     machine: Mapped[Machine | None] = relationship(back_populates="events")
+
+
+class PowerRequest(Base):
+    """One BMC operation asked for by an operator (CLI, API, UI) or the lifecycle.
+
+    The ``power`` part of the daemon takes queued requests in order, one at a time per
+    machine, runs them on its worker pool and writes the outcome here and as an event.
+    """
+
+    __tablename__ = "power_requests"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    machine_id: Mapped[int] = mapped_column(
+        ForeignKey("machines.id", ondelete="CASCADE"), index=True
+    )
+    #: status | power | boot | get-boot | identify | validate (``power/calls.py``)
+    operation: Mapped[str] = mapped_column(String(16))
+    args: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    actor: Mapped[str] = mapped_column(String(64))
+    #: queued | running | succeeded | failed | cancelled
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    error_kind: Mapped[str | None] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+    machine: Mapped[Machine] = relationship()
 
 
 class Counter(Base):

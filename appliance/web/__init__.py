@@ -38,11 +38,13 @@ def create_app(config: Config | None = None, db: Database | None = None) -> Flas
     app.config["MAX_CONTENT_LENGTH"] = MAX_LOG_BYTES
     app.extensions["appliance"] = WebState(config, db, catalog)
 
+    from appliance.web.api import api
     from appliance.web.boot import boot
     from appliance.web.install import install
 
     app.register_blueprint(boot)
     app.register_blueprint(install)
+    app.register_blueprint(api)
     return app
 
 

@@ -8,13 +8,13 @@ def test_migrate_is_idempotent_and_counters_roundtrip(database_url: str) -> None
     db = Database(database_url)
     db.migrate()
     db.migrate()
-    assert current_revision(db.engine) == "0002"
+    assert current_revision(db.engine) == "0003"
     if database_url.startswith("sqlite"):
         with db.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     tables = set(inspect(db.engine).get_table_names())
     assert {"subnets", "reservations", "leases", "machines", "events", "counters",
-            "profiles", "images", "install_logs"} <= tables
+            "profiles", "images", "install_logs", "power_requests"} <= tables
     publish_counters(db, "dhcp", {"received": 3, "dropped_malformed": 1})
     publish_counters(db, "dhcp", {"received": 5, "dropped_malformed": 1})
     assert read_counters(db) == {"dhcp": {"dropped_malformed": 1, "received": 5}}
@@ -56,6 +56,8 @@ def test_upgrade_from_0001_keeps_machines_and_matches_the_models(database_url: s
         from appliance.models import Machine
         (machine,) = s.query(Machine).all()
         assert (machine.profiles, machine.params, machine.install_token) == ([], {}, None)
+        assert (machine.bmc_driver, machine.bmc_verify_tls, machine.power_state) == \
+            (None, True, None)
     with db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     # server defaults the migration adds for existing rows are not differences that

@@ -1,0 +1,181 @@
+"""One BMC operation with a deadline and bounded retries, and sweeps over many BMCs.
+
+Every attempt runs in its own daemon thread and is waited for with a deadline, so a
+driver or library that blocks longer than its own socket timeouts (or a BMC that
+trickles answers) cannot hold the caller: the attempt is abandoned and reported as a
+timeout. Only transient failures (timeout, connection) are retried, with a doubling
+backoff; a wrong password or a refused command is final at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.power.driver import (
+    BOOT_DEVICES,
+    BOOT_MODES,
+    CONFIG,
+    POWER_ACTIONS,
+    TIMEOUT,
+    BmcAccess,
+    BmcError,
+    PowerDriver,
+)
+
+#: Operations and what they do; the worker, the CLI and the API use these names.
+DRIVERS = ("ipmi", "redfish")
+OPERATIONS = ("status", "power", "boot", "get-boot", "identify", "validate")
+
+
+@dataclass(frozen=True)
+class CallPolicy:
+    #: Seconds one attempt may take (login included).
+    timeout: float = 10.0
+    attempts: int = 3
+    #: Seconds before the second attempt; doubles for each further one.
+    backoff: float = 1.0
+
+
+@dataclass
+class CallOutcome:
+    ok: bool
+    result: Any = None
+    error: BmcError | None = None
+    attempts: int = 0
+    duration: float = 0.0
+    #: One line per failed attempt, for the event's details.
+    failures: list[str] = field(default_factory=list)
+
+
+def driver_class(name: str) -> type[PowerDriver]:
+    if name == "ipmi":
+        from appliance.power.ipmi import IpmiDriver
+
+        return IpmiDriver
+    if name == "redfish":
+        from appliance.power.redfish import RedfishDriver
+
+        return RedfishDriver
+    raise BmcError(CONFIG, f"unknown BMC driver {name!r} (drivers: {', '.join(DRIVERS)})")
+
+
+def check_operation(operation: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Validate and normalise an operation's arguments; raises ValueError naming the field."""
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation: {operation!r} is not one of {', '.join(OPERATIONS)}")
+    if operation == "power":
+        action = args.get("action")
+        if action not in POWER_ACTIONS:
+            raise ValueError(f"action: {action!r} is not one of {', '.join(POWER_ACTIONS)}")
+        return {"action": action}
+    if operation == "boot":
+        device, mode = args.get("device"), args.get("mode", "bios")
+        persistent = args.get("persistent", False)
+        if device not in BOOT_DEVICES:
+            raise ValueError(f"device: {device!r} is not one of {', '.join(BOOT_DEVICES)}")
+        if mode not in BOOT_MODES:
+            raise ValueError(f"mode: {mode!r} is not one of {', '.join(BOOT_MODES)}")
+        if not isinstance(persistent, bool):
+            raise ValueError(f"persistent: expected true or false, got {persistent!r}")
+        return {"device": device, "persistent": persistent, "mode": mode}
+    if operation == "identify":
+        on = args.get("on", True)
+        if not isinstance(on, bool):
+            raise ValueError(f"on: expected true or false, got {on!r}")
+        return {"on": on}
+    return {}
+
+
+def _perform(driver: PowerDriver, operation: str, args: dict[str, Any]) -> Any:
+    if operation == "status" or operation == "validate":
+        return {"power": driver.get_power_state()}
+    if operation == "power":
+        driver.set_power_state(args["action"])
+        return {"action": args["action"]}
+    if operation == "boot":
+        driver.set_boot_device(args["device"], args["persistent"], args["mode"])
+        return dict(args)
+    if operation == "get-boot":
+        boot = driver.get_boot_device()
+        return {"device": boot.device, "persistent": boot.persistent, "mode": boot.mode}
+    if operation == "identify":
+        driver.identify(args["on"])
+        return {"on": args["on"]}
+    raise BmcError(CONFIG, f"unknown operation {operation!r}")
+
+
+def _attempt(access: BmcAccess, operation: str, args: dict[str, Any],
+             timeout: float) -> Any:
+    """One attempt in a daemon thread, abandoned (as a timeout) after ``timeout``."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        driver = None
+        try:
+            driver = driver_class(access.driver)(access, timeout)
+            box["result"] = _perform(driver, operation, args)
+        except BmcError as exc:
+            box["error"] = exc
+        except Exception as exc:  # noqa: BLE001 - a library bug is a BMC error, not a crash
+            box["error"] = BmcError("protocol", f"{type(exc).__name__}: {exc}")
+        finally:
+            if driver is not None:
+                driver.close()
+            done.set()
+
+    threading.Thread(target=work, name=f"bmc-{access.address}:{access.port}",
+                     daemon=True).start()
+    if not done.wait(timeout):
+        raise BmcError(TIMEOUT, f"no complete answer from {access.describe()} "
+                                f"within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def run_call(access: BmcAccess, operation: str, args: dict[str, Any] | None = None,
+             policy: CallPolicy | None = None,
+             sleep: Callable[[float], None] = time.sleep) -> CallOutcome:
+    """Run ``operation`` against one BMC: at most ``policy.attempts`` attempts."""
+    policy = policy or CallPolicy()
+    started = time.monotonic()
+    outcome = CallOutcome(ok=False)
+    try:
+        args = check_operation(operation, args or {})
+    except ValueError as exc:
+        outcome.error = BmcError(CONFIG, str(exc))
+        return outcome
+    delay = policy.backoff
+    for attempt in range(1, max(1, policy.attempts) + 1):
+        outcome.attempts = attempt
+        try:
+            outcome.result = _attempt(access, operation, args, policy.timeout)
+            outcome.ok = True
+            outcome.error = None
+            break
+        except BmcError as exc:
+            outcome.error = exc
+            outcome.failures.append(f"attempt {attempt}: {exc}")
+            if not exc.transient or attempt >= policy.attempts:
+                break
+            sleep(delay)
+            delay *= 2
+    outcome.duration = time.monotonic() - started
+    return outcome
+
+
+def sweep(accesses: list[BmcAccess], operation: str = "status",
+          args: dict[str, Any] | None = None, workers: int = 32,
+          policy: CallPolicy | None = None) -> list[CallOutcome]:
+    """``operation`` on every BMC, ``workers`` at a time; outcomes in input order."""
+    if not accesses:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(accesses))),
+                            thread_name_prefix="bmc-sweep") as pool:
+        return list(pool.map(lambda a: run_call(a, operation, args, policy), accesses))

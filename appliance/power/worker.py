@@ -1,0 +1,316 @@
+"""The ``power`` part: runs queued BMC requests on a worker pool and polls power state.
+
+- Requests run in the order they were queued, one at a time per machine (a BMC handles
+  concurrent sessions badly, and "boot pxe" must land before "power cycle"), and up to
+  ``[power] workers`` machines at once, so one slow BMC holds only its own machine.
+- Each request is claimed with a conditional UPDATE (queued -> running), so several
+  appliances sharing one PostgreSQL database never run the same request twice.
+- Every outcome is written to the request row and as one event (who asked, what, the
+  result or error, attempts, duration).
+- Every ``poll_interval`` seconds each machine with a BMC and nothing in flight gets a
+  status call; a change (or the BMC becoming unreachable or reachable again) is an
+  event, an unchanged reading is not.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from sqlalchemy import select, update
+
+from appliance.config import Config
+from appliance.db import Database
+from appliance.lifecycle import record_event
+from appliance.models import Machine, PowerRequest, utcnow
+from appliance.power.calls import CallOutcome, CallPolicy, run_call
+from appliance.power.control import PowerError, bmc_access, machine_label
+from appliance.power.driver import CONFIG, BmcError
+
+log = logging.getLogger("appliance.power")
+
+CLAIM_INTERVAL = 0.2
+POLLER = "poller"
+#: Power state after a successful action, until the next poll says otherwise.
+STATE_AFTER = {"on": "on", "off": "off", "cycle": "on", "reset": "on"}
+
+
+def _describe(operation: str, args: dict[str, Any]) -> str:
+    if operation == "power":
+        return f"power {args.get('action')}"
+    if operation == "boot":
+        how = "persistent" if args.get("persistent") else "next boot only"
+        return f"boot {args.get('device')} ({how}, {args.get('mode')})"
+    if operation == "identify":
+        return f"identify {'on' if args.get('on') else 'off'}"
+    return operation
+
+
+class PowerWorker:
+    def __init__(self, config: Config, db: Database) -> None:
+        self.config = config
+        self.db = db
+        self.policy = CallPolicy(timeout=config.power.call_timeout,
+                                 attempts=config.power.attempts, backoff=config.power.backoff)
+        self.pool = ThreadPoolExecutor(max_workers=config.power.workers,
+                                       thread_name_prefix="power")
+        self.busy: set[int] = set()
+        self.lock = threading.Lock()
+        self.next_poll: dict[int, float] = {}
+        self.futures: set[Future[None]] = set()
+
+    # -- startup --------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Requests left ``running`` by a previous run have an unknown outcome: fail them."""
+        with self.db.session() as session:
+            stale = list(session.scalars(
+                select(PowerRequest).where(PowerRequest.state == "running")))
+            for req in stale:
+                req.state = "failed"
+                req.error_kind = "unknown"
+                req.error = ("the power part stopped while this call was in flight; whether "
+                             "the BMC acted is unknown")
+                req.finished_at = utcnow()
+                record_event(session, req.machine, "power", "power-request-failed",
+                             f"{_describe(req.operation, req.args)}: outcome unknown "
+                             "(power part restarted)", details={"request": req.id})
+        return len(stale)
+
+    # -- requests -------------------------------------------------------------------
+
+    def claim_and_submit(self) -> int:
+        """Start every queued request whose machine has nothing in flight."""
+        started = 0
+        with self.db.session() as session:
+            queued = list(session.execute(
+                select(PowerRequest.id, PowerRequest.machine_id)
+                .where(PowerRequest.state == "queued").order_by(PowerRequest.id)))
+        seen: set[int] = set()
+        for request_id, machine_id in queued:
+            if machine_id in seen:
+                continue  # an older request of this machine goes first
+            seen.add(machine_id)
+            with self.lock:
+                if machine_id in self.busy:
+                    continue
+                self.busy.add(machine_id)
+            if not self._claim(request_id):
+                self._release(machine_id)
+                continue
+            self._submit(self._run_request, request_id, machine_id)
+            started += 1
+        return started
+
+    def _claim(self, request_id: int) -> bool:
+        with self.db.session() as session:
+            claimed = session.execute(
+                update(PowerRequest)
+                .where(PowerRequest.id == request_id, PowerRequest.state == "queued")
+                .values(state="running", started_at=utcnow()))
+            return bool(claimed.rowcount)
+
+    def _submit(self, fn: Any, *args: Any) -> None:
+        future = self.pool.submit(fn, *args)
+        self.futures.add(future)
+        future.add_done_callback(self.futures.discard)
+
+    def _release(self, machine_id: int) -> None:
+        with self.lock:
+            self.busy.discard(machine_id)
+
+    def _run_request(self, request_id: int, machine_id: int) -> None:
+        try:
+            setup_error = ""
+            with self.db.session() as session:
+                req = session.get(PowerRequest, request_id)
+                assert req is not None
+                operation, args, actor = req.operation, dict(req.args or {}), req.actor
+                try:
+                    access = bmc_access(self.config, req.machine)
+                except PowerError as exc:
+                    access, setup_error = None, str(exc)
+            if access is None:
+                outcome = CallOutcome(ok=False, error=BmcError(CONFIG, setup_error))
+            else:
+                outcome = run_call(access, operation, args, self.policy)
+            self._finish_request(request_id, operation, args, actor, outcome)
+        except Exception:  # noqa: BLE001 - one request's failure must not stop the part
+            log.exception("power request %d failed unexpectedly", request_id)
+            with self.db.session() as session:
+                session.execute(update(PowerRequest).where(PowerRequest.id == request_id)
+                                .values(state="failed", error_kind="internal",
+                                        error="internal error; see the appliance log",
+                                        finished_at=utcnow()))
+        finally:
+            self._release(machine_id)
+
+    def _finish_request(self, request_id: int, operation: str, args: dict[str, Any],
+                        actor: str, outcome: CallOutcome) -> None:
+        what = _describe(operation, args)
+        with self.db.session() as session:
+            req = session.get(PowerRequest, request_id)
+            assert req is not None
+            machine = req.machine
+            req.attempts = outcome.attempts
+            req.finished_at = utcnow()
+            details = {"request": request_id, "operation": operation, "args": args,
+                       "requested_by": actor, "ok": outcome.ok,
+                       "attempts": outcome.attempts,
+                       "duration_s": round(outcome.duration, 3)}
+            if outcome.ok:
+                req.state, req.result = "succeeded", outcome.result
+                details["result"] = outcome.result
+                self._note_power(machine, operation, args, outcome.result)
+                message = f"{what}: done in {outcome.duration:.1f} s"
+                if operation == "status":
+                    message = f"power status: {outcome.result.get('power')}"
+                record_event(session, machine, actor, "power", message, details)
+                log.info("%s %s (by %s): ok in %.2f s", machine_label(machine), what, actor,
+                         outcome.duration)
+            else:
+                assert outcome.error is not None
+                req.state = "failed"
+                req.error, req.error_kind = str(outcome.error.args[0]), outcome.error.kind
+                details.update(error=req.error, error_kind=req.error_kind,
+                               failures=outcome.failures)
+                record_event(session, machine, actor, "power-failed",
+                             f"{what} failed after {outcome.attempts} attempt(s), "
+                             f"{outcome.duration:.1f} s: {outcome.error}", details)
+                log.warning("%s %s (by %s) failed: %s", machine_label(machine), what, actor,
+                            outcome.error)
+
+    @staticmethod
+    def _note_power(machine: Machine, operation: str, args: dict[str, Any],
+                    result: Any) -> None:
+        if operation in ("status", "validate"):
+            machine.power_state = result.get("power")
+        elif operation == "power" and args.get("action") in STATE_AFTER:
+            machine.power_state = STATE_AFTER[args["action"]]
+        else:
+            return
+        machine.power_checked_at = utcnow()
+        machine.power_error = None
+
+    # -- polling --------------------------------------------------------------------
+
+    def poll_due(self, now: float) -> int:
+        interval = self.config.power.poll_interval
+        if interval <= 0:
+            return 0
+        with self.db.session() as session:
+            machines = list(session.execute(
+                select(Machine.id).where(Machine.bmc_driver.is_not(None))))
+        started = 0
+        for (machine_id,) in machines:
+            due = self.next_poll.setdefault(machine_id, now)
+            if due > now:
+                continue
+            with self.lock:
+                if machine_id in self.busy:
+                    continue
+                self.busy.add(machine_id)
+            self.next_poll[machine_id] = now + interval
+            self._submit(self._poll_machine, machine_id)
+            started += 1
+        return started
+
+    def _poll_machine(self, machine_id: int) -> None:
+        try:
+            with self.db.session() as session:
+                machine = session.get(Machine, machine_id)
+                if machine is None or not machine.bmc_driver:
+                    return
+                setup_error = ""
+                try:
+                    access = bmc_access(self.config, machine)
+                except PowerError as exc:
+                    access, setup_error = None, str(exc)
+            if access is None:
+                outcome = CallOutcome(ok=False, error=BmcError(CONFIG, setup_error))
+            else:
+                outcome = run_call(access, "status", {}, self.policy)
+            self._record_poll(machine_id, outcome)
+        except Exception:  # noqa: BLE001
+            log.exception("power poll of machine %d failed unexpectedly", machine_id)
+        finally:
+            self._release(machine_id)
+
+    def _record_poll(self, machine_id: int, outcome: CallOutcome) -> None:
+        with self.db.session() as session:
+            machine = session.get(Machine, machine_id)
+            if machine is None:
+                return
+            machine.power_checked_at = utcnow()
+            details = {"attempts": outcome.attempts, "duration_s": round(outcome.duration, 3)}
+            if outcome.ok:
+                new = outcome.result.get("power")
+                if machine.power_error:
+                    record_event(session, machine, POLLER, "bmc-reachable",
+                                 f"BMC answers again; power is {new}", details)
+                elif machine.power_state != new:
+                    before = machine.power_state or "unknown"
+                    record_event(session, machine, POLLER, "power-changed",
+                                 f"power {before} -> {new} (seen on the BMC)", details)
+                machine.power_state, machine.power_error = new, None
+                return
+            assert outcome.error is not None
+            error = str(outcome.error)
+            if machine.power_error != error:
+                record_event(session, machine, POLLER, "bmc-unreachable",
+                             f"power status poll failed: {error}",
+                             {**details, "failures": outcome.failures})
+            machine.power_error = error
+
+    # -- loop -----------------------------------------------------------------------
+
+    def serve(self, stop: threading.Event) -> None:
+        recovered = self.recover()
+        if recovered:
+            log.warning("%d power request(s) from a previous run marked failed (outcome "
+                        "unknown)", recovered)
+        while not stop.is_set():
+            try:
+                self.claim_and_submit()
+                self.poll_due(time.monotonic())
+            except Exception:  # noqa: BLE001 - a database hiccup is retried next round
+                log.exception("power loop")
+            stop.wait(CLAIM_INTERVAL)
+
+    def close(self, grace: float = 15.0) -> None:
+        """Let calls in flight finish (each is bounded by its policy) before exiting."""
+        deadline = time.monotonic() + grace
+        for future in list(self.futures):
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001
+                pass
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run(config: Config, db: Database, stop: threading.Event | None = None) -> None:
+    """Run the power part until SIGTERM/SIGINT or ``stop``."""
+    stop = stop if stop is not None else threading.Event()
+    old: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum: int, _frame: object) -> None:
+            if not stop.is_set():
+                log.info("received %s, stopping power", signal.Signals(signum).name)
+            stop.set()
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    worker = PowerWorker(config, db)
+    log.info("power: %d workers, call timeout %g s x %d attempts, poll every %s",
+             config.power.workers, config.power.call_timeout, config.power.attempts,
+             f"{config.power.poll_interval} s" if config.power.poll_interval else "(off)")
+    try:
+        worker.serve(stop)
+    finally:
+        worker.close()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        log.info("power stopped")

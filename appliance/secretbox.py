@@ -1,0 +1,68 @@
+"""Secrets at rest (BMC passwords): Fernet (AES-128-CBC + HMAC-SHA256) with a key kept
+in the state directory, outside the database.
+
+A copy of the database alone (a backup, a PostgreSQL server shared by several
+appliances' operators) does not reveal the passwords; the key file does, so it is
+created mode 0600 and owned like the state directory (the service user), also when
+the first secret is stored by ``root`` running the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken
+
+KEY_FILE = "secret.key"
+#: Prefix of every stored secret, so a future key or scheme change can be recognised.
+PREFIX = "fernet1:"
+
+
+class SecretError(ValueError):
+    """A secret cannot be decrypted (wrong key file, damaged value)."""
+
+
+def key_path(state_dir: str | Path) -> Path:
+    return Path(state_dir) / KEY_FILE
+
+
+def _load_or_create_key(state_dir: str | Path) -> bytes:
+    path = key_path(state_dir)
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = Fernet.generate_key()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process created it first: use theirs
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "wb") as f:
+        f.write(key + b"\n")
+    owner = path.parent.stat()
+    if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+        os.chown(path, owner.st_uid, owner.st_gid)
+    return key
+
+
+def encrypt(state_dir: str | Path, plaintext: str) -> str:
+    token = Fernet(_load_or_create_key(state_dir)).encrypt(plaintext.encode())
+    return PREFIX + token.decode("ascii")
+
+
+def decrypt(state_dir: str | Path, stored: str) -> str:
+    if not stored.startswith(PREFIX):
+        raise SecretError("the stored secret is not in a known format")
+    path = key_path(state_dir)
+    try:
+        key = path.read_bytes().strip()
+    except FileNotFoundError:
+        raise SecretError(f"the key file {path} is missing: set the BMC password "
+                          "again") from None
+    try:
+        return Fernet(key).decrypt(stored[len(PREFIX):].encode("ascii")).decode()
+    except (InvalidToken, ValueError):
+        raise SecretError(f"the stored secret does not decrypt with {path} (was the key "
+                          "file replaced?): set the BMC password again") from None

@@ -1,0 +1,169 @@
+"""JSON API under ``/api/v1/``: power and boot control (issue 6 adds the rest).
+
+Until API users and tokens exist, the API answers only clients whose address is in
+``[http] api_networks`` (default: loopback), because it can power machines off. Errors
+are JSON ``{"error": message}`` naming the bad field. Every call goes through the same
+functions as the CLI (:mod:`appliance.power.control`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from appliance.models import Machine, PowerRequest
+from appliance.power import control
+from appliance.profiles import ProfileError, find_machine
+from appliance.web import state
+
+api = Blueprint("api", __name__, url_prefix="/api/v1")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@api.errorhandler(ApiError)
+def _api_error(exc: ApiError) -> tuple[Response, int]:
+    return jsonify(error=str(exc)), exc.status
+
+
+@api.errorhandler(control.PowerError)
+def _power_error(exc: control.PowerError) -> tuple[Response, int]:
+    return jsonify(error=str(exc)), 400
+
+
+@api.before_request
+def _only_allowed_networks() -> None:
+    allowed = state().config.http.api_networks
+    try:
+        client = ipaddress.ip_address(request.remote_addr or "")
+    except ValueError:
+        client = None
+    if client is None or not any(client in net for net in _networks(allowed)):
+        raise ApiError(403, f"the API answers only {allowed} (setting http.api_networks) "
+                            "until API users and tokens exist")
+
+
+def _networks(spec: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(p.strip(), strict=False) for p in spec.split(",") if p.strip()]
+
+
+def _actor() -> str:
+    return f"api:{request.remote_addr}"
+
+
+def _body() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "body: expected a JSON object (Content-Type: application/json)")
+    return body
+
+
+def _machine(session: Any, ident: str) -> Machine:
+    try:
+        return find_machine(session, ident)
+    except ProfileError as exc:
+        raise ApiError(404, str(exc)) from None
+
+
+def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...],
+           required: bool = True) -> Any:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ApiError(400, f"{name}: required")
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ApiError(400, f"{name}: expected {getattr(kind, '__name__', kind)}, "
+                            f"got {type(value).__name__}")
+    return value
+
+
+@api.get("/machines/<ident>/bmc")
+def get_bmc(ident: str) -> Response:
+    with state().db.session() as session:
+        return jsonify(bmc=control.bmc_summary(_machine(session, ident)))
+
+
+@api.put("/machines/<ident>/bmc")
+def put_bmc(ident: str) -> Response:
+    body = _body()
+    unknown = sorted(set(body) - {"driver", "address", "port", "username", "password",
+                                  "verify_tls", "system_id"})
+    if unknown:
+        raise ApiError(400, f"{unknown[0]}: unknown field")
+    settings = control.BmcSettings(
+        driver=_field(body, "driver", str, required=False) or "ipmi",
+        address=_field(body, "address", str), username=_field(body, "username", str),
+        password=_field(body, "password", str), port=_field(body, "port", int, False),
+        verify_tls=_field(body, "verify_tls", bool, False) is not False,
+        system_id=_field(body, "system_id", str, False) or "")
+    with state().db.session() as session:
+        machine = _machine(session, ident)
+        control.set_bmc(state().config, session, machine, settings, _actor())
+        return jsonify(bmc=control.bmc_summary(machine))
+
+
+@api.delete("/machines/<ident>/bmc")
+def delete_bmc(ident: str) -> Response:
+    with state().db.session() as session:
+        control.clear_bmc(session, _machine(session, ident), _actor())
+    return jsonify(bmc=None)
+
+
+@api.get("/machines/<ident>/power")
+def get_power(ident: str) -> Response:
+    with state().db.session() as session:
+        machine = _machine(session, ident)
+        return jsonify(power_state=machine.power_state,
+                       checked_at=machine.power_checked_at.isoformat()
+                       if machine.power_checked_at else None,
+                       error=machine.power_error)
+
+
+def _queue(ident: str, operation: str, args: dict[str, Any]) -> tuple[Response, int]:
+    with state().db.session() as session:
+        req = control.request(session, _machine(session, ident), operation, args, _actor())
+        summary = control.request_summary(req)
+    return jsonify(_jsonable(summary)), 202
+
+
+@api.post("/machines/<ident>/power")
+def post_power(ident: str) -> tuple[Response, int]:
+    action = _field(_body(), "action", str)
+    if action == "status":
+        return _queue(ident, "status", {})
+    return _queue(ident, "power", {"action": action})
+
+
+@api.post("/machines/<ident>/boot")
+def post_boot(ident: str) -> tuple[Response, int]:
+    body = _body()
+    return _queue(ident, "boot", {
+        "device": _field(body, "device", str),
+        "persistent": bool(_field(body, "persistent", bool, required=False)),
+        "mode": _field(body, "mode", str, required=False)})
+
+
+@api.post("/machines/<ident>/identify")
+def post_identify(ident: str) -> tuple[Response, int]:
+    on = _field(_body(), "on", bool, required=False)
+    return _queue(ident, "identify", {"on": True if on is None else on})
+
+
+@api.get("/power-requests/<int:request_id>")
+def get_power_request(request_id: int) -> Response:
+    with state().db.session() as session:
+        req = session.get(PowerRequest, request_id)
+        if req is None:
+            raise ApiError(404, f"power request {request_id} does not exist")
+        return jsonify(_jsonable(control.request_summary(req)))
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
