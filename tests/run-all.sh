@@ -21,7 +21,7 @@ packages=(
   debian-installer-12-netboot-amd64                            # d-i e2e, debian-12 bootenv
   cloud-init debconf grub-common                               # answer-file validators
   xorriso util-linux                                           # ISO import tests, logger
-  openipmi ipmitool                                            # BMC simulator and client
+  openipmi ipmitool openssl                                    # BMC simulator, client, certs
 )
 export DEBIAN_FRONTEND=noninteractive
 # Packages with services (tftpd-hpa, kea, postgresql) must not start them on the host:

@@ -91,8 +91,15 @@ def check_operation(operation: str, args: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _not_idempotent(operation: str, args: dict[str, Any]) -> bool:
+    return operation == "power" and args.get("action") in ("cycle", "reset")
+
+
 def _perform(driver: PowerDriver, operation: str, args: dict[str, Any]) -> Any:
-    if operation == "status" or operation == "validate":
+    if operation == "validate":
+        driver.validate()
+        return {"power": driver.get_power_state()}
+    if operation == "status":
         return {"power": driver.get_power_state()}
     if operation == "power":
         driver.set_power_state(args["action"])
@@ -163,6 +170,12 @@ def run_call(access: BmcAccess, operation: str, args: dict[str, Any] | None = No
             outcome.error = exc
             outcome.failures.append(f"attempt {attempt}: {exc}")
             if not exc.transient or attempt >= policy.attempts:
+                break
+            if exc.kind == TIMEOUT and _not_idempotent(operation, args):
+                # The BMC may have acted before its answer was lost: a second cycle or
+                # reset would reboot the machine twice. Reported, not repeated.
+                outcome.failures.append("not retried: a repeated cycle or reset could "
+                                        "reboot the machine twice")
                 break
             sleep(delay)
             delay *= 2

@@ -68,12 +68,26 @@ def _check_address(driver: str, address: str) -> str:
     return address
 
 
+def _default_port(driver: str, address: str) -> int:
+    """623 for IPMI; for Redfish the URL's own port, else 80 for http://, 443 otherwise."""
+    if driver == "redfish" and "://" in address:
+        scheme, _, rest = address.partition("://")
+        hostport = rest.split("/", 1)[0]
+        if not hostport.endswith("]") and ":" in hostport:
+            tail = hostport.rsplit(":", 1)[1]
+            if tail.isdigit():
+                return int(tail)
+        return 80 if scheme == "http" else 443
+    return DEFAULT_PORTS[driver]
+
+
 def check_settings(settings: BmcSettings) -> BmcSettings:
     """Refuse incomplete or impossible BMC settings, naming the field."""
     if settings.driver not in DRIVERS:
         raise PowerError(f"driver: {settings.driver!r} is not one of {', '.join(DRIVERS)}")
     address = _check_address(settings.driver, settings.address)
-    port = settings.port if settings.port is not None else DEFAULT_PORTS[settings.driver]
+    port = settings.port if settings.port is not None else _default_port(settings.driver,
+                                                                         address)
     if not 0 < port < 65536:
         raise PowerError(f"port: {port} is not a valid port")
     if not settings.username:

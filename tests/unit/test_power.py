@@ -270,7 +270,7 @@ def test_bad_bmc_settings_are_refused_by_field(changes: dict[str, Any], message:
 def test_redfish_urls_and_default_ports_are_accepted() -> None:
     s = control.check_settings(control.BmcSettings("redfish", "https://bmc-1.example.net:8443",
                                                    "root", "pw"))
-    assert s.port == 443
+    assert s.port == 8443  # the URL's own port
     assert control.check_settings(control.BmcSettings("ipmi", "10.0.0.5", "a", "b")).port == 623
 
 
@@ -483,3 +483,24 @@ def test_api_power_endpoints(power_env, fake_driver) -> None:
     r = client.get("/api/v1/machines/node9/power",
                    environ_base={"REMOTE_ADDR": "10.250.40.7"})
     assert r.status_code == 403 and "http.api_networks" in r.json["error"]
+
+
+def test_a_cycle_that_timed_out_is_not_repeated(fake_driver) -> None:
+    fake_driver.script[ACCESS.address] = [BmcError(TIMEOUT, "lost"), "on"]
+    outcome = calls.run_call(ACCESS, "power", {"action": "cycle"},
+                             calls.CallPolicy(attempts=3), sleep=lambda s: None)
+    assert not outcome.ok and outcome.attempts == 1
+    assert "could reboot the machine twice" in outcome.failures[-1]
+    fake_driver.script[ACCESS.address] = [BmcError(TIMEOUT, "lost"), "on"]
+    outcome = calls.run_call(ACCESS, "power", {"action": "on"},
+                             calls.CallPolicy(attempts=3), sleep=lambda s: None)
+    assert outcome.ok and outcome.attempts == 2
+
+
+def test_redfish_default_port_follows_the_url() -> None:
+    def port(address: str) -> int:
+        return control.check_settings(
+            control.BmcSettings("redfish", address, "root", "pw")).port or 0
+
+    assert (port("http://10.0.0.5"), port("https://bmc"), port("http://bmc:8000/"),
+            port("10.0.0.5")) == (80, 443, 8000, 443)
