@@ -86,11 +86,13 @@ class ApplianceProcess:
         self.only = only
         self.proc: subprocess.Popen | None = None
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        """Run the appliance CLI against this instance's config (outside the namespace)."""
+    def cli(self, *args: str, check: bool = True, input: str | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run the appliance CLI against this instance's config (outside the namespace);
+        ``input`` goes to its stdin (e.g. ``--password-stdin``)."""
         return subprocess.run(
             [sys.executable, "-m", "appliance.cli", "--config", str(self.config_path), *args],
-            capture_output=True, text=True, check=check, timeout=60,
+            capture_output=True, text=True, check=check, timeout=timeout, input=input,
         )
 
     def start(self) -> None:

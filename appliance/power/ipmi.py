@@ -19,6 +19,7 @@ Lessons from the field (Digital Rebar's IPMI plugin, Ironic, MAAS) honoured here
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 from appliance.power.driver import (
@@ -101,10 +102,17 @@ class IpmiDriver(PowerDriver):
                 bmc=self.access.address, userid=self.access.username,
                 password=self.access.password, port=self.access.port)
         except pyghmi_exc.IpmiException as exc:
-            message = str(exc.args[0]) if exc.args else ""
+            message = str(exc.args[0]) if exc.args and exc.args[0] else ""
             kind = _classify(message)
             raise BmcError(kind, f"IPMI login to {self.access.describe()} failed: "
                                  f"{message or 'no answer'}") from None
+        except AttributeError as exc:
+            if "errormsg" not in str(exc):
+                raise
+            message = self._lost_login_error()
+            raise BmcError(_classify(message) if message else PROTOCOL,
+                           f"IPMI login to {self.access.describe()} failed: "
+                           f"{message or 'pyghmi gave no reason'}") from None
         except socket.gaierror as exc:
             raise BmcError(CONNECTION, f"cannot resolve {self.access.address}: {exc}") from None
         except OSError as exc:
@@ -119,7 +127,7 @@ class IpmiDriver(PowerDriver):
         try:
             response = session.raw_command(netfn=NETFN_CHASSIS, command=command, data=data)
         except pyghmi_exc.IpmiException as exc:
-            message = str(exc.args[0]) if exc.args else ""
+            message = str(exc.args[0]) if exc.args and exc.args[0] else ""
             raise BmcError(_classify(message), f"{what}: {message or 'no answer'}") from None
         except OSError as exc:
             raise BmcError(CONNECTION, f"{what}: {exc}") from None
@@ -140,6 +148,25 @@ class IpmiDriver(PowerDriver):
         if payload is None:
             raise BmcError(PROTOCOL, f"{what}: answer without data")
         return list(payload)
+
+    def _lost_login_error(self) -> str:
+        """The reason of a failed login that pyghmi 1.6.19 lost in a race.
+
+        Its I/O thread marks a failed session broken (in ``logout``) a moment before it
+        stores the reason, and the waiting caller can read ``errormsg`` in between and
+        get AttributeError. The broken session is still in ``initting_sessions`` (see
+        :meth:`_forget_stale_session`); its reason is there once the I/O thread is done.
+        """
+        from pyghmi.ipmi.private import session
+
+        key = (self.access.address, self.access.username, self.access.password,
+               self.access.port, None)
+        for _ in range(20):
+            message = getattr(session.Session.initting_sessions.get(key), "errormsg", None)
+            if message:
+                return str(message)
+            time.sleep(0.01)
+        return ""
 
     def _forget_stale_session(self) -> None:
         """Drop pyghmi's cached half-open session for this BMC and these credentials.
