@@ -105,7 +105,8 @@ def cmd_machines(args: argparse.Namespace, config: Config) -> int:
     db = Database(config.effective_database_url)
     with db.session() as session:
         rows = [inventory.as_dict(m) for m in inventory.list_machines(session)]
-    _print(args, rows, ["mac", "state", "bootenv", "arch", "seen_on", "last_seen_at"])
+    _print(args, rows, ["mac", "hostname", "state", "bootenv", "power_state", "arch", "seen_on",
+                        "last_seen_at"])
     return 0
 
 

@@ -33,17 +33,32 @@ def _load_or_create_key(state_dir: str | Path) -> bytes:
         return path.read_bytes().strip()
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SecretError(f"cannot read the key file {path}: {exc.strerror}") from None
+    if not path.parent.is_dir():
+        raise SecretError(f"the state directory {path.parent} does not exist (run "
+                          "`appliance db upgrade` or start the service first)")
+    # Written under a temporary name and linked into place, so no process ever reads a
+    # half-written key; the first link wins and everyone uses that key.
     key = Fernet.generate_key()
+    tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process created it first: use theirs
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as f:
-        f.write(key + b"\n")
-    owner = path.parent.stat()
-    if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
-        os.chown(path, owner.st_uid, owner.st_gid)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        owner = path.parent.stat()
+        if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+            os.chown(tmp, owner.st_uid, owner.st_gid)  # the service user can read it
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another process created it first: use theirs
+            return path.read_bytes().strip()
+    except OSError as exc:
+        raise SecretError(f"cannot create the key file {path}: {exc.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return key
 
 
@@ -61,6 +76,8 @@ def decrypt(state_dir: str | Path, stored: str) -> str:
     except FileNotFoundError:
         raise SecretError(f"the key file {path} is missing: set the BMC password "
                           "again") from None
+    except OSError as exc:
+        raise SecretError(f"cannot read the key file {path}: {exc.strerror}") from None
     try:
         return Fernet(key).decrypt(stored[len(PREFIX):].encode("ascii")).decode()
     except (InvalidToken, ValueError):

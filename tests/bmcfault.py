@@ -26,14 +26,16 @@ Modes:
     an IPMI 1.5 packet, with a non-zero session ID): ``drop="requests"`` (default) drops
     the 1st, 3rd, 5th ... such client-to-BMC datagram and relays every reply, so every
     command needs exactly one retransmission and a client that retries gets its answer;
-    ``"replies"`` does the same to BMC-to-client datagrams (the BMC then executes each
-    command twice: retransmissions carry the same sequence number and ipmi_sim runs them
-    again); ``"both"`` alternates in each direction independently. Session set-up (Get
-    Channel Authentication Capabilities, Open Session, RAKP 1-4) and RMCP pings always
-    pass: with strict alternation of *every* datagram ipmitool 1.8.19 never gets a
-    session, because after a lost RAKP 1 it restarts with Open Session + RAKP 1, two
-    datagrams, so its RAKP 1 lands on a dropped slot every time (seen with
-    ``drop_handshake=True``, which alternates over all datagrams).
+    ``"replies"`` does the same to BMC-to-client datagrams (the BMC then executes the
+    retransmitted command again: ipmi_sim ran ``set power 1`` twice for one ``ipmitool
+    chassis power on``); ``"both"`` alternates in each direction independently. The
+    alternation counts all clients of the proxy together (one client alone sees exactly
+    every other message lost). Session set-up (Get Channel Authentication Capabilities,
+    Open Session, RAKP 1-4) and RMCP pings always pass: with strict alternation of
+    *every* datagram (``drop_handshake=True``) ipmitool 1.8.19 got no session at all in
+    any of the three direction modes (with ``requests``: after a lost RAKP 1 it restarts
+    with Open Session + RAKP 1, two datagrams, so its RAKP 1 lands on a dropped slot
+    every time).
 
 A wrong password needs no proxy: give the client a wrong password.
 

@@ -50,6 +50,8 @@ class CallOutcome:
     duration: float = 0.0
     #: One line per failed attempt, for the event's details.
     failures: list[str] = field(default_factory=list)
+    #: Attempts abandoned at their deadline whose threads had not ended yet.
+    stragglers: list[threading.Thread] = field(default_factory=list, repr=False)
 
 
 def driver_class(name: str) -> type[PowerDriver]:
@@ -117,8 +119,10 @@ def _perform(driver: PowerDriver, operation: str, args: dict[str, Any]) -> Any:
 
 
 def _attempt(access: BmcAccess, operation: str, args: dict[str, Any],
-             timeout: float) -> Any:
-    """One attempt in a daemon thread, abandoned (as a timeout) after ``timeout``."""
+             timeout: float, stragglers: list[threading.Thread]) -> Any:
+    """One attempt in a daemon thread, abandoned (as a timeout) after ``timeout``; an
+    abandoned thread goes to ``stragglers``, so the caller can wait for it to end before
+    the BMC gets its next call."""
     box: dict[str, Any] = {}
     done = threading.Event()
 
@@ -136,14 +140,37 @@ def _attempt(access: BmcAccess, operation: str, args: dict[str, Any],
                 driver.close()
             done.set()
 
-    threading.Thread(target=work, name=f"bmc-{access.address}:{access.port}",
-                     daemon=True).start()
+    thread = threading.Thread(target=work, name=f"bmc-{access.address}:{access.port}",
+                              daemon=True)
+    try:
+        thread.start()
+    except RuntimeError as exc:  # no thread left: an error, not a crash
+        raise BmcError("internal", f"cannot start a BMC call: {exc}") from None
     if not done.wait(timeout):
+        stragglers.append(thread)
         raise BmcError(TIMEOUT, f"no complete answer from {access.describe()} "
                                 f"within {timeout:g} s")
     if "error" in box:
-        raise box["error"]
+        raise _scrubbed(box["error"], access.password)
     return box.get("result")
+
+
+def _scrubbed(error: BmcError, password: str) -> BmcError:
+    """The error with the password blanked, should a library or a BMC echo it."""
+    text = str(error.args[0]) if error.args else ""
+    if len(password) >= 4 and password in text:
+        return BmcError(error.kind, text.replace(password, "********"))
+    return error
+
+
+def wait_for_stragglers(outcome: CallOutcome, limit: float) -> bool:
+    """Wait (at most ``limit`` s in all) for abandoned attempts to end; False if one is
+    still running. Until then the BMC may still act on an earlier call."""
+    deadline = time.monotonic() + limit
+    for thread in outcome.stragglers:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    outcome.stragglers = [t for t in outcome.stragglers if t.is_alive()]
+    return not outcome.stragglers
 
 
 def run_call(access: BmcAccess, operation: str, args: dict[str, Any] | None = None,
@@ -161,8 +188,11 @@ def run_call(access: BmcAccess, operation: str, args: dict[str, Any] | None = No
     delay = policy.backoff
     for attempt in range(1, max(1, policy.attempts) + 1):
         outcome.attempts = attempt
+        if outcome.stragglers:  # never two calls to one BMC at once
+            wait_for_stragglers(outcome, policy.timeout)
         try:
-            outcome.result = _attempt(access, operation, args, policy.timeout)
+            outcome.result = _attempt(access, operation, args, policy.timeout,
+                                      outcome.stragglers)
             outcome.ok = True
             outcome.error = None
             break

@@ -106,6 +106,11 @@ def _read_password(args: argparse.Namespace) -> str:
 
 
 def run_bmc(args: argparse.Namespace, config: Config) -> int:
+    setting = bool(args.address) and not (args.clear or args.show)
+    if setting and not args.username:
+        raise control.PowerError("username: required to set a BMC")
+    # read the password before any database transaction is open (a prompt may wait)
+    password = _read_password(args) if setting else ""
     db = Database(config.effective_database_url)
     with db.session() as session:
         machine = profiles.find_machine(session, args.machine)
@@ -123,11 +128,9 @@ def run_bmc(args: argparse.Namespace, config: Config) -> int:
                   (f"{label}: no BMC" if summary is None else
                    "\n".join(f"{k + ':':12} {v}" for k, v in summary.items())))
             return 0
-        if not args.username:
-            raise control.PowerError("username: required to set a BMC")
         settings = control.BmcSettings(
             driver=args.driver, address=args.address, username=args.username,
-            password=_read_password(args), port=args.port,
+            password=password, port=args.port,
             verify_tls=not args.no_verify_tls, system_id=args.system_id)
         control.set_bmc(config, session, machine, settings, cli_actor())
         print(f"machine {label}: BMC {args.driver} {settings.username}@{args.address} set")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 from appliance import secretbox
 from appliance.config import Config
 from appliance.lifecycle import record_event
-from appliance.models import Machine, PowerRequest, utcnow
+from appliance.models import Counter, Machine, PowerRequest, utcnow
 from appliance.power.calls import DRIVERS, check_operation
 from appliance.power.driver import BOOT_MODES, BmcAccess
 
@@ -28,6 +29,8 @@ DEFAULT_PORTS = {"ipmi": 623, "redfish": 443}
 IPMI_MAX_USERNAME = 16
 IPMI_MAX_PASSWORD = 20
 FINISHED = ("succeeded", "failed", "cancelled")
+#: A power part whose heartbeat is older than this is taken as not running.
+HEARTBEAT_STALE = 10.0
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 
@@ -41,7 +44,7 @@ class BmcSettings:
     driver: str
     address: str
     username: str
-    password: str
+    password: str = field(repr=False)
     port: int | None = None
     verify_tls: bool = True
     system_id: str = ""
@@ -53,11 +56,20 @@ def _check_address(driver: str, address: str) -> str:
         raise PowerError("address: empty; give the BMC's IP address or host name")
     host = address
     if driver == "redfish" and "://" in address:
-        scheme, _, rest = address.partition("://")
-        if scheme not in ("http", "https"):
-            raise PowerError(f"address: scheme {scheme!r} is not http or https")
-        host = rest.split("/", 1)[0].rsplit(":", 1)[0] if not rest.startswith("[") else \
-            rest[1:].split("]", 1)[0]
+        url = urlsplit(address)
+        if url.scheme not in ("http", "https"):
+            raise PowerError(f"address: scheme {url.scheme!r} is not http or https")
+        if "@" in url.netloc:
+            raise PowerError("address: no user or password in the URL; give them with "
+                             "username and password (the password is stored encrypted)")
+        if url.path not in ("", "/") or url.query or url.fragment:
+            raise PowerError("address: only scheme, host and port (the Redfish service "
+                             "root is found at /redfish/v1)")
+        try:
+            _ = url.port
+        except ValueError:
+            raise PowerError(f"address: {address!r} has an invalid port") from None
+        host = url.hostname or ""
     try:
         ipaddress.ip_address(host)
         return address
@@ -113,7 +125,10 @@ def set_bmc(config: Config, session: Session, machine: Machine, settings: BmcSet
     machine.bmc_address = settings.address
     machine.bmc_port = settings.port
     machine.bmc_username = settings.username
-    machine.bmc_password = secretbox.encrypt(config.state_dir, settings.password)
+    try:
+        machine.bmc_password = secretbox.encrypt(config.state_dir, settings.password)
+    except secretbox.SecretError as exc:
+        raise PowerError(f"password: cannot be stored: {exc}") from None
     machine.bmc_verify_tls = settings.verify_tls
     machine.bmc_system_id = settings.system_id or None
     machine.power_state = None
@@ -213,17 +228,25 @@ def wait(db: Any, request_id: int, timeout: float, claim_timeout: float = 10.0,
                 session.expunge(req)
                 return req
             waited = time.monotonic() - started
-            if req.state == "queued" and waited >= claim_timeout:
+            if req.state == "queued" and waited >= claim_timeout \
+                    and not power_part_alive(session):
                 if cancel_if_queued(session, request_id, "no power worker took the request"):
                     session.commit()
                     raise PowerError(
-                        f"no power worker took request {request_id} within "
-                        f"{claim_timeout:g} s, so it was cancelled: is `appliance serve` "
+                        f"no power part is running (no heartbeat for {HEARTBEAT_STALE:g} s), "
+                        f"so request {request_id} was cancelled: is `appliance serve` "
                         "running with the power part enabled?")
             if waited >= timeout:
                 raise PowerError(f"power request {request_id} is still {req.state} after "
                                  f"{timeout:g} s; see `appliance events`")
         time.sleep(interval)
+
+
+def power_part_alive(session: Session) -> bool:
+    """Whether a ``power`` part has written its heartbeat recently."""
+    beat = session.scalar(select(Counter.value).where(Counter.part == "power",
+                                                      Counter.name == "heartbeat"))
+    return beat is not None and time.time() - beat < HEARTBEAT_STALE
 
 
 def list_requests(session: Session, machine: Machine | None = None,

@@ -119,18 +119,31 @@ class IpmiDriver(PowerDriver):
             raise BmcError(CONNECTION, f"{self.access.describe()}: {exc}") from None
         return self._command
 
-    def _raw(self, what: str, command: int, data: tuple[int, ...] = ()) -> list[int]:
-        """One chassis command; returns the response data after the completion code."""
+    def _raw(self, what: str, command: int, data: tuple[int, ...] = (),
+             resend: bool = True) -> list[int]:
+        """One chassis command; returns the response data after the completion code.
+
+        ``resend=False`` for commands that must not run twice (power cycle, reset):
+        pyghmi otherwise resends a command whose answer was lost, and the BMC, which
+        did get it, runs it again. Without resending, a lost answer is a timeout whose
+        outcome is unknown.
+        """
         from pyghmi import exceptions as pyghmi_exc
 
         session = self._session()
         try:
-            response = session.raw_command(netfn=NETFN_CHASSIS, command=command, data=data)
+            if resend:
+                response = session.raw_command(netfn=NETFN_CHASSIS, command=command, data=data)
+            else:
+                response = self._send_once(session, command, data)
         except pyghmi_exc.IpmiException as exc:
             message = str(exc.args[0]) if exc.args and exc.args[0] else ""
             raise BmcError(_classify(message), f"{what}: {message or 'no answer'}") from None
         except OSError as exc:
             raise BmcError(CONNECTION, f"{what}: {exc}") from None
+        if response is None:
+            raise BmcError(TIMEOUT, f"{what}: no answer from {self.access.describe()} (the "
+                                    "BMC may have acted)")
         if not isinstance(response, dict):
             raise BmcError(PROTOCOL, f"{what}: unexpected answer {response!r}")
         code = response.get("code", 0)
@@ -148,6 +161,32 @@ class IpmiDriver(PowerDriver):
         if payload is None:
             raise BmcError(PROTOCOL, f"{what}: answer without data")
         return list(payload)
+
+    def _send_once(self, command_obj: Any, command: int, data: tuple[int, ...]) -> Any:
+        """Send a command exactly once and wait for its answer until the deadline.
+
+        pyghmi's ``retry=False`` sends without waiting at all, so the answer is awaited
+        here: a callback records it while pyghmi's event loop runs.
+        """
+        from pyghmi.ipmi.private import session as pyghmi_session
+
+        box: dict[str, Any] = {}
+        ipmi_session = command_obj.ipmi_session
+        ipmi_session.raw_command(netfn=NETFN_CHASSIS, command=command, data=data,
+                                 retry=False, callback=lambda rsp: box.setdefault("r", rsp))
+        deadline = time.monotonic() + max(1.0, self.timeout * 0.8)
+        try:
+            while "r" not in box:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                pyghmi_session.Session.wait_for_rsp(timeout=min(0.2, left))
+        finally:
+            # With a callback, pyghmi leaves the command bookkeeping to the caller.
+            ipmi_session.incommand = False
+            while ipmi_session.evq:
+                ipmi_session.evq.popleft().set()
+        return box["r"]
 
     def _lost_login_error(self) -> str:
         """The reason of a failed login that pyghmi 1.6.19 lost in a race.
@@ -212,7 +251,8 @@ class IpmiDriver(PowerDriver):
                                         f"{', '.join(CHASSIS_CONTROL)}")
         if action == "cycle" and self.get_power_state() == "off":
             action = "on"
-        self._raw(f"chassis control {action}", CMD_CHASSIS_CONTROL, (CHASSIS_CONTROL[action],))
+        self._raw(f"chassis control {action}", CMD_CHASSIS_CONTROL, (CHASSIS_CONTROL[action],),
+                  resend=action not in ("cycle", "reset"))
 
     def set_boot_device(self, device: str, persistent: bool, mode: str) -> None:
         if device not in BOOT_SELECTOR:

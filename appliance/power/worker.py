@@ -3,8 +3,9 @@
 - Requests run in the order they were queued, one at a time per machine (a BMC handles
   concurrent sessions badly, and "boot pxe" must land before "power cycle"), and up to
   ``[power] workers`` machines at once, so one slow BMC holds only its own machine.
-- Each request is claimed with a conditional UPDATE (queued -> running), so several
-  appliances sharing one PostgreSQL database never run the same request twice.
+- Each request is claimed with a conditional UPDATE (queued -> running) only when a
+  worker is free, so a request is never run twice. Run one power part per database:
+  the per-machine ordering is kept inside one process.
 - Every outcome is written to the request row and as one event (who asked, what, the
   result or error, attempts, duration).
 - Every ``poll_interval`` seconds each machine with a BMC and nothing in flight gets a
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
 import time
@@ -22,18 +24,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import object_session
 
 from appliance.config import Config
-from appliance.db import Database
+from appliance.db import Database, publish_counters
 from appliance.lifecycle import record_event
 from appliance.models import Machine, PowerRequest, utcnow
-from appliance.power.calls import CallOutcome, CallPolicy, run_call
+from appliance.power.calls import CallOutcome, CallPolicy, run_call, wait_for_stragglers
 from appliance.power.control import PowerError, bmc_access, machine_label
 from appliance.power.driver import CONFIG, BmcError
 
 log = logging.getLogger("appliance.power")
 
 CLAIM_INTERVAL = 0.2
+#: Seconds between the part's heartbeats (the CLI checks a power part is running).
+HEARTBEAT_INTERVAL = 2.0
+#: How long (x call_timeout) a machine stays busy waiting for an abandoned attempt.
+STRAGGLER_WAIT_FACTOR = 3
 POLLER = "poller"
 #: Power state after a successful action, until the next poll says otherwise.
 STATE_AFTER = {"on": "on", "off": "off", "cycle": "on", "reset": "on"}
@@ -95,6 +102,8 @@ class PowerWorker:
             if machine_id in seen:
                 continue  # an older request of this machine goes first
             seen.add(machine_id)
+            if self.in_flight() >= self.config.power.workers:
+                break  # claimed means started: leave the rest queued
             with self.lock:
                 if machine_id in self.busy:
                     continue
@@ -114,10 +123,23 @@ class PowerWorker:
                 .values(state="running", started_at=utcnow()))
             return bool(claimed.rowcount)
 
+    def in_flight(self) -> int:
+        with self.lock:
+            return len(self.busy)
+
     def _submit(self, fn: Any, *args: Any) -> None:
         future = self.pool.submit(fn, *args)
         self.futures.add(future)
         future.add_done_callback(self.futures.discard)
+
+    def _settle(self, outcome: CallOutcome, machine_id: int) -> None:
+        """Keep the machine busy until abandoned attempts have really ended, so its next
+        call cannot overlap (or be undone by) a late one."""
+        if outcome.stragglers and not wait_for_stragglers(
+                outcome, STRAGGLER_WAIT_FACTOR * self.policy.timeout):
+            log.warning("machine %d: a BMC call abandoned at its deadline is still running "
+                        "after %g s more; releasing the machine anyway", machine_id,
+                        STRAGGLER_WAIT_FACTOR * self.policy.timeout)
 
     def _release(self, machine_id: int) -> None:
         with self.lock:
@@ -139,6 +161,7 @@ class PowerWorker:
             else:
                 outcome = run_call(access, operation, args, self.policy)
             self._finish_request(request_id, operation, args, actor, outcome)
+            self._settle(outcome, machine_id)
         except Exception:  # noqa: BLE001 - one request's failure must not stop the part
             log.exception("power request %d failed unexpectedly", request_id)
             with self.db.session() as session:
@@ -181,14 +204,30 @@ class PowerWorker:
                 record_event(session, machine, actor, "power-failed",
                              f"{what} failed after {outcome.attempts} attempt(s), "
                              f"{outcome.duration:.1f} s: {outcome.error}", details)
+                self._cancel_later(session, machine, request_id, what)
                 log.warning("%s %s (by %s) failed: %s", machine_label(machine), what, actor,
                             outcome.error)
+
+    @staticmethod
+    def _cancel_later(session: Any, machine: Machine, request_id: int, what: str) -> None:
+        """Requests queued after a failed one were asked for as a sequence (``boot pxe``
+        then ``power cycle``): running the rest would reboot into the wrong device."""
+        later = list(session.scalars(select(PowerRequest).where(
+            PowerRequest.machine_id == machine.id, PowerRequest.state == "queued",
+            PowerRequest.id > request_id)))
+        for req in later:
+            req.state, req.finished_at = "cancelled", utcnow()
+            req.error = f"cancelled: request {request_id} ({what}) before it failed"
+        if later:
+            record_event(session, machine, "power", "power-cancelled",
+                         f"{len(later)} queued request(s) cancelled because {what} failed",
+                         {"requests": [r.id for r in later], "failed_request": request_id})
 
     @staticmethod
     def _note_power(machine: Machine, operation: str, args: dict[str, Any],
                     result: Any) -> None:
         if operation in ("status", "validate"):
-            machine.power_state = result.get("power")
+            _record_reading(object_session(machine), machine, "power", result.get("power"))
         elif operation == "power" and args.get("action") in STATE_AFTER:
             machine.power_state = STATE_AFTER[args["action"]]
         else:
@@ -206,10 +245,16 @@ class PowerWorker:
             machines = list(session.execute(
                 select(Machine.id).where(Machine.bmc_driver.is_not(None))))
         started = 0
+        # Polls use at most half the workers, so operators' requests always find one.
+        poll_slots = max(1, self.config.power.workers // 2)
         for (machine_id,) in machines:
-            due = self.next_poll.setdefault(machine_id, now)
+            # The first poll of each machine is spread over one interval, not all at once.
+            due = self.next_poll.setdefault(machine_id,
+                                            now + random.uniform(0, min(interval, 10)))
             if due > now:
                 continue
+            if self.in_flight() >= poll_slots:
+                break
             with self.lock:
                 if machine_id in self.busy:
                     continue
@@ -235,6 +280,7 @@ class PowerWorker:
             else:
                 outcome = run_call(access, "status", {}, self.policy)
             self._record_poll(machine_id, outcome)
+            self._settle(outcome, machine_id)
         except Exception:  # noqa: BLE001
             log.exception("power poll of machine %d failed unexpectedly", machine_id)
         finally:
@@ -248,19 +294,13 @@ class PowerWorker:
             machine.power_checked_at = utcnow()
             details = {"attempts": outcome.attempts, "duration_s": round(outcome.duration, 3)}
             if outcome.ok:
-                new = outcome.result.get("power")
-                if machine.power_error:
-                    record_event(session, machine, POLLER, "bmc-reachable",
-                                 f"BMC answers again; power is {new}", details)
-                elif machine.power_state != new:
-                    before = machine.power_state or "unknown"
-                    record_event(session, machine, POLLER, "power-changed",
-                                 f"power {before} -> {new} (seen on the BMC)", details)
-                machine.power_state, machine.power_error = new, None
+                _record_reading(session, machine, POLLER, outcome.result.get("power"),
+                                details)
                 return
             assert outcome.error is not None
             error = str(outcome.error)
-            if machine.power_error != error:
+            # one event per kind of failure, not per changing message text
+            if (machine.power_error or "").split(":", 1)[0] != outcome.error.kind:
                 record_event(session, machine, POLLER, "bmc-unreachable",
                              f"power status poll failed: {error}",
                              {**details, "failures": outcome.failures})
@@ -273,8 +313,14 @@ class PowerWorker:
         if recovered:
             log.warning("%d power request(s) from a previous run marked failed (outcome "
                         "unknown)", recovered)
+        next_beat = 0.0
         while not stop.is_set():
             try:
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + HEARTBEAT_INTERVAL
+                    publish_counters(self.db, "power", {"heartbeat": int(time.time()),
+                                                        "in_flight": self.in_flight()})
                 self.claim_and_submit()
                 self.poll_due(time.monotonic())
             except Exception:  # noqa: BLE001 - a database hiccup is retried next round
@@ -290,6 +336,21 @@ class PowerWorker:
             except Exception:  # noqa: BLE001
                 pass
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _record_reading(session: Any, machine: Machine, actor: str, new: str | None,
+                    details: dict[str, Any] | None = None) -> None:
+    """A power state the BMC reported (poll or operator's status): a change, or a BMC
+    answering again after failing, is an event; the same state again is not."""
+    if machine.power_error:
+        record_event(session, machine, actor, "bmc-reachable",
+                     f"BMC answers again; power is {new}", details)
+    elif machine.power_state != new:
+        before = machine.power_state or "unknown"
+        record_event(session, machine, actor, "power-changed",
+                     f"power {before} -> {new} (seen on the BMC)", details)
+    machine.power_state, machine.power_error = new, None
+    machine.power_checked_at = utcnow()
 
 
 def run(config: Config, db: Database, stop: threading.Event | None = None) -> None:

@@ -44,6 +44,8 @@ def _only_allowed_networks() -> None:
         client = ipaddress.ip_address(request.remote_addr or "")
     except ValueError:
         client = None
+    if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped:
+        client = client.ipv4_mapped  # ::ffff:127.0.0.1 on a dual-stack bind
     if client is None or not any(client in net for net in _networks(allowed)):
         raise ApiError(403, f"the API answers only {allowed} (setting http.api_networks) "
                             "until API users and tokens exist")

@@ -175,14 +175,14 @@ def _udhcpc_lease(rig: PowerRig) -> str:
 
 def test_faults_are_bounded_events_and_the_daemon_keeps_serving(rig: PowerRig) -> None:
     bound = ATTEMPTS * CALL_TIMEOUT + BACKOFF + 3.0  # + CLI polling and start-up slack
-    with running_fleet(rig.tmp / "bmcs", 2, ns=rig.ns) as (good, other), \
-            FaultProxy(good.port, mode="blackhole", ns=rig.ns) as dead, \
-            FaultProxy(good.port, mode="delay", delay=3.0, ns=rig.ns) as slow, \
+    with running_fleet(rig.tmp / "bmcs", 4, ns=rig.ns) as (good, other, deadsim, slowsim), \
+            FaultProxy(deadsim.port, mode="blackhole", ns=rig.ns) as dead, \
+            FaultProxy(slowsim.port, mode="delay", delay=3.0, ns=rig.ns) as slow, \
             FaultProxy(other.port, mode="drop-alternate", ns=rig.ns) as lossy:
         machines = {
             "healthy": (good.port, good.password),
-            "deadbmc": (dead.port, good.password),
-            "slowbmc": (slow.port, good.password),
+            "deadbmc": (dead.port, deadsim.password),
+            "slowbmc": (slow.port, slowsim.password),
             "wrongpw": (other.port, "not-the-password"),
             "lossy": (lossy.port, other.password),
         }
@@ -202,6 +202,7 @@ def test_faults_are_bounded_events_and_the_daemon_keeps_serving(rig: PowerRig) -
                                    for i in ids.values()), 60, interval=0.5,
                        what="every request to finish")
         results = {name: rig.request(i) for name, i in ids.items()}
+        assert deadsim.calls() == [] and dead.counts()["requests_relayed"] == 0
         # the CLI says why, with a non-zero exit
         failed = rig.cli("power", "wrongpw", "status", check=False)
         assert failed.returncode == 1 and "auth:" in failed.stderr
@@ -236,6 +237,22 @@ def test_faults_are_bounded_events_and_the_daemon_keeps_serving(rig: PowerRig) -
         assert failed[0]["details"]["error_kind"] == results[name]["error_kind"]
     assert "not-the-password" not in rig.app.log()
     assert "not-the-password" not in json.dumps(rig.events(macs["wrongpw"]))
+
+
+def test_a_reset_whose_answer_is_lost_is_sent_once(rig: PowerRig) -> None:
+    """A BMC whose answers get lost: pyghmi would resend the command and the BMC would
+    run it again. A reset (or cycle) goes out once; idempotent commands may be resent."""
+    with running_fleet(rig.tmp / "bmcs", 1, ns=rig.ns, initial_power="on") as (bmc,), \
+            FaultProxy(bmc.port, mode="drop-alternate", drop="replies", ns=rig.ns) as lossy:
+        rig.enroll("lossy", "52:54:00:46:03:01", lossy.port, bmc.password)
+        for _ in range(3):
+            result = rig.cli("power", "lossy", "reset", check=False)
+            if result.returncode != 0:
+                assert "may have acted" in result.stderr or "timeout" in result.stderr
+        time.sleep(2)
+        assert bmc.resets() == 3, bmc.calls()  # three requests, three resets, no repeats
+        assert lossy.counts()["replies_dropped"] > 0
+        assert rig.cli("power", "lossy", "on").returncode == 0  # resent until answered
 
 
 def _ts(value: str) -> float:

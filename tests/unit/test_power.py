@@ -157,10 +157,20 @@ class StubSession:
     def __init__(self, responses: list[Any]) -> None:
         self.responses = responses
         self.sent: list[tuple[int, int, tuple[int, ...]]] = []
+        self.ipmi_session = self
+        self.once: list[bool] = []
+        self.incommand = False
+        self.evq: list[Any] = []
 
-    def raw_command(self, netfn: int, command: int, data: tuple[int, ...] = ()) -> Any:
+    def raw_command(self, netfn: int, command: int, data: tuple[int, ...] = (),
+                    retry: bool = True, callback: Any = None) -> Any:
         self.sent.append((netfn, command, tuple(data)))
+        self.once.append(not retry)
         response = self.responses.pop(0)
+        if callback is not None:
+            if response is not None:  # None: the answer is lost
+                callback(response)
+            return None
         if isinstance(response, BaseException):
             raise response
         return response
@@ -233,6 +243,22 @@ def test_ipmi_cycle_of_a_machine_that_is_off_turns_it_on() -> None:
     driver, stub = _ipmi([ok(0x01, 0, 0), ok()])
     driver.set_power_state("cycle")
     assert stub.sent[1] == (0x00, 0x02, (0x02,))
+    assert stub.once == [False, True]  # a cycle is sent once, never resent by pyghmi
+
+
+def test_ipmi_a_lost_answer_to_a_reset_is_a_timeout_not_a_resend(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyghmi.ipmi.private import session
+
+    # no BMC here: pyghmi's event loop has nothing to wait for, so just let time pass
+    monkeypatch.setattr(session.Session, "wait_for_rsp",
+                        classmethod(lambda cls, timeout=None: time.sleep(timeout or 0)))
+    driver, stub = _ipmi([None])
+    driver.timeout = 1.0
+    with pytest.raises(BmcError) as info:
+        driver.set_power_state("reset")
+    assert info.value.kind == TIMEOUT and "may have acted" in str(info.value)
+    assert stub.once == [True] and len(stub.sent) == 1
 
 
 # -- secrets and settings -------------------------------------------------------------
@@ -402,8 +428,9 @@ def test_polling_records_changes_and_unreachability_once(power_env, fake_driver)
     fake_driver.script["192.0.2.71"] = [
         "on", "on", BmcError(REFUSED, "busy"), BmcError(REFUSED, "busy"), "off"]
     worker = PowerWorker(config, db)
+    worker.next_poll[machine_id] = 0.0  # due now (new machines get a random first slot)
     for step in range(5):
-        assert worker.poll_due(1000.0 + step * 2) == 1
+        assert worker.poll_due(1002.0 + step * 2) == 1
         deadline = time.monotonic() + 5
         while worker.busy and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -432,7 +459,7 @@ def test_an_unclaimed_request_is_cancelled_not_left_to_fire_later(power_env) -> 
         req = control.request(session, session.get(Machine, machine_id), "power",
                               {"action": "off"}, "test")
         request_id = req.id
-    with pytest.raises(control.PowerError, match="no power worker took request"):
+    with pytest.raises(control.PowerError, match="no power part is running"):
         control.wait(db, request_id, timeout=5, claim_timeout=0.3, interval=0.05)
     with db.session() as session:
         assert session.get(PowerRequest, request_id).state == "cancelled"
@@ -504,3 +531,57 @@ def test_redfish_default_port_follows_the_url() -> None:
 
     assert (port("http://10.0.0.5"), port("https://bmc"), port("http://bmc:8000/"),
             port("10.0.0.5")) == (80, 443, 8000, 443)
+
+
+def test_a_failed_request_cancels_the_machines_later_ones(power_env, fake_driver) -> None:
+    config, db = power_env
+    machine_id = _machine_with_bmc(config, db, "52:54:00:00:0a:01", "192.0.2.101")
+    fake_driver.script["192.0.2.101"] = [BmcError(REFUSED, "no")]
+    with db.session() as session:
+        machine = session.get(Machine, machine_id)
+        control.request(session, machine, "boot", {"device": "pxe"}, "api:x")
+        control.request(session, machine, "power", {"action": "cycle"}, "api:x")
+    worker = PowerWorker(config, db)
+    _drain(worker)
+    worker.close()
+    assert [c[1] for c in fake_driver.calls] == ["set_boot_device"]  # no cycle into disk
+    with db.session() as session:
+        states = [r.state for r in session.query(PowerRequest).order_by(PowerRequest.id)]
+        assert states == ["failed", "cancelled"]
+        assert session.query(Event).filter(Event.kind == "power-cancelled").count() == 1
+
+
+def test_a_request_waiting_behind_a_busy_machine_is_not_cancelled(power_env) -> None:
+    from appliance.db import publish_counters
+
+    config, db = power_env
+    machine_id = _machine_with_bmc(config, db, "52:54:00:00:0b:01", "192.0.2.111")
+    publish_counters(db, "power", {"heartbeat": int(time.time())})  # a live power part
+    with db.session() as session:
+        req = control.request(session, session.get(Machine, machine_id), "status", {}, "t")
+        request_id = req.id
+    with pytest.raises(control.PowerError, match="still queued after 0.6 s"):
+        control.wait(db, request_id, timeout=0.6, claim_timeout=0.2, interval=0.05)
+    with db.session() as session:
+        assert session.get(PowerRequest, request_id).state == "queued"
+
+
+def test_credentials_in_a_redfish_url_are_refused() -> None:
+    for address, message in (("https://admin:pw@10.0.0.1", "no user or password"),
+                             ("https://10.0.0.1/redfish/v1", "only scheme, host and port"),
+                             ("https://10.0.0.1:99999", "invalid port")):
+        with pytest.raises(control.PowerError, match=message):
+            control.check_settings(control.BmcSettings("redfish", address, "root", "pw"))
+    assert "pw" not in repr(control.BmcSettings("ipmi", "10.0.0.1", "root", "pw"))
+
+
+def test_api_treats_ipv4_mapped_loopback_as_loopback(power_env) -> None:
+    from appliance.web import create_app
+
+    config, db = power_env
+    client = create_app(config, db).test_client()
+    r = client.get("/api/v1/power-requests/1", environ_base={"REMOTE_ADDR": "::ffff:127.0.0.1"})
+    assert r.status_code == 404  # allowed in, and the request does not exist
+    r = client.get("/api/v1/power-requests/1", environ_base={"REMOTE_ADDR": "::ffff:10.0.0.7"},
+                   headers={"X-Forwarded-For": "127.0.0.1"})
+    assert r.status_code == 403
