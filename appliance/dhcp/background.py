@@ -36,8 +36,13 @@ class SeenRecorder:
 
     def due(self, mac: str) -> bool:
         """Is it time to record ``mac`` again? (cheap; call before building ``note``'s
-        arguments)"""
-        return time.monotonic() - self.last.get(mac, -SEEN_INTERVAL) >= SEEN_INTERVAL
+        arguments). False, and counted as dropped, while the queue is full."""
+        if time.monotonic() - self.last.get(mac, -SEEN_INTERVAL) < SEEN_INTERVAL:
+            return False
+        if len(self.queue) >= SEEN_QUEUE:
+            self.counters["seen_dropped"] += 1
+            return False
+        return True
 
     def note(self, mac: str, seen_on: str, arch: str | None) -> None:
         now = time.monotonic()

@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 
 from appliance.dhcp.options import (
     BOOTREQUEST,
-    END,
     MAGIC_COOKIE,
     MESSAGE_TYPE,
     OVERLOAD,
-    PAD,
 )
 
 HEADER = struct.Struct("!BBBBIHHIIII16s64s128s")
 HEADER_LEN = HEADER.size  # 236
+#: The fixed header and the magic cookie, unpacked in one go.
+_HEADER_COOKIE = struct.Struct("!BBBBIHHIIII16s64s128s4s")
 OPTIONS_OFFSET = HEADER_LEN + 4  # after the magic cookie
 #: Smallest BOOTP message many clients accept (RFC 1542 §3.3 pads replies to 300).
 MIN_REPLY_LEN = 300
@@ -104,22 +104,22 @@ def _parse_options(data: bytes, start: int, end: int, out: dict[int, bytes]) -> 
     i = start
     while i < end:
         code = data[i]
-        if code == PAD:
+        if code == 0:  # PAD
             i += 1
             continue
-        if code == END:
+        if code == 255:  # END
             return
         if i + 1 >= end:
             raise MalformedPacket("bad_option_length", f"option {code} has no length byte")
-        length = data[i + 1]
-        j = i + 2 + length
+        j = i + 2 + data[i + 1]
         if j > end:
             raise MalformedPacket(
-                "bad_option_length", f"option {code} length {length} overruns the packet"
-            )
-        value = data[i + 2 : j]
-        previous = out.get(code)
-        out[code] = value if previous is None else previous + value
+                "bad_option_length",
+                f"option {code} length {data[i + 1]} overruns the packet")
+        if code in out:
+            out[code] += data[i + 2 : j]
+        else:
+            out[code] = data[i + 2 : j]
         i = j
 
 
@@ -131,21 +131,21 @@ def decode(data: bytes, *, require_request: bool = True) -> DhcpPacket:
     if n < OPTIONS_OFFSET:
         raise MalformedPacket("truncated", f"{n} bytes")
     (op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr, siaddr, giaddr,
-     chaddr, sname, file) = HEADER.unpack_from(data)
-    if require_request and op != BOOTREQUEST:
+     chaddr, sname, file, cookie) = _HEADER_COOKIE.unpack_from(data)
+    if op != BOOTREQUEST and require_request:
         raise MalformedPacket("wrong_op", f"op {op}")
     if htype != 1 or hlen != 6:
         raise MalformedPacket("bad_hardware", f"htype {htype} hlen {hlen}")
-    if data[HEADER_LEN:OPTIONS_OFFSET] != MAGIC_COOKIE:
+    if cookie != MAGIC_COOKIE:
         raise MalformedPacket("no_magic_cookie", "plain BOOTP or garbage")
     options: dict[int, bytes] = {}
     _parse_options(data, OPTIONS_OFFSET, n, options)
-    overload = options.get(OVERLOAD)
-    if overload:
+    if OVERLOAD in options:
+        overload = options[OVERLOAD]
         # RFC 2131 §4.1: options field, then 'file', then 'sname'.
-        if overload[0] & 1:
+        if overload and overload[0] & 1:
             _parse_options(file, 0, len(file), options)
-        if overload[0] & 2:
+        if overload and overload[0] & 2:
             _parse_options(sname, 0, len(sname), options)
     mt = options.get(MESSAGE_TYPE)
     if mt is None or len(mt) != 1:

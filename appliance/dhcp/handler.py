@@ -94,6 +94,7 @@ class ServerHandler:
         self.boot = BootSteering(cfg)
         self.ifname = InterfaceNames()
         self._sub_opts: dict[int, tuple[SubnetInfo, bytes, bytes]] = {}
+        self._prefixes: dict[tuple[int, int, int], tuple[SubnetInfo, bytes]] = {}
         self._no_subnet_logged: set[str] = set()
 
     # -- helpers ------------------------------------------------------------------
@@ -167,15 +168,35 @@ class ServerHandler:
             self.seen.note(mac, self.seen_on(pkt, rx), kind.arch_name)
         return self.boot.boot_for(kind, mac, sub, rx.local_ip)
 
+    def _lease_prefix(self, sub: SubnetInfo, mt: int, server_id: int) -> bytes:
+        """Options 53, 54, lease times and the subnet's options, encoded once per subnet,
+        message type and server address."""
+        key = (sub.id, mt, server_id)
+        cached = self._prefixes.get(key)
+        if cached is None or cached[0] is not sub:
+            sub_opts, lease_opts = self._opts(sub)
+            if len(self._prefixes) > 1024:
+                self._prefixes.clear()
+            cached = self._prefixes[key] = (
+                sub, replies.leading_options(mt, server_id) + lease_opts + sub_opts)
+        return cached[1]
+
     def _lease_reply(self, pkt: DhcpPacket, rx: Incoming, sub: SubnetInfo, mac: str,
                      mt: int, ip: int, server_id: int, boot: BootInfo | None) -> Outgoing:
-        sub_opts, lease_opts = self._opts(sub)
-        boot_opts, file = replies.boot_options(boot, pkt)
-        r = sub.reservations.get(mac)
-        hostname = r.hostname if r is not None and r.ip == ip else None
-        payload = replies.build(
-            pkt, mt, server_id, yiaddr=ip, siaddr=boot.next_server if boot else 0,
-            body=lease_opts + sub_opts + boot_opts, file=file, hostname=hostname)
+        opts = self._lease_prefix(sub, mt, server_id)
+        if boot is None:
+            file = b""
+            siaddr = 0
+        else:
+            boot_opts, file = replies.boot_options(boot, pkt)
+            opts += boot_opts
+            siaddr = boot.next_server
+        hostname = None
+        if sub.reservations:
+            r = sub.reservations.get(mac)
+            if r is not None and r.ip == ip:
+                hostname = r.hostname
+        payload = replies.finish(pkt, mt, opts, ip, siaddr, file, hostname)
         return replies.route(pkt, rx, mt, ip, payload, server_id, durable=(mt == ACK))
 
     def _discover(self, pkt: DhcpPacket, rx: Incoming, sub: SubnetInfo, mac: str,

@@ -48,14 +48,13 @@ class SubnetInfo:
     cursor: int = 0
     full_until: float = 0.0  # no free address before this time (pool exhausted)
     cidr: str = ""
+    #: Derived from ``network``/``prefix`` once (looked at for every packet).
+    mask: int = field(init=False, repr=False, compare=False, default=0)
+    broadcast: int = field(init=False, repr=False, compare=False, default=0)
 
-    @property
-    def mask(self) -> int:
-        return (0xFFFFFFFF << (32 - self.prefix)) & 0xFFFFFFFF
-
-    @property
-    def broadcast(self) -> int:
-        return self.network | (~self.mask & 0xFFFFFFFF)
+    def __post_init__(self) -> None:
+        self.mask = (0xFFFFFFFF << (32 - self.prefix)) & 0xFFFFFFFF
+        self.broadcast = self.network | (~self.mask & 0xFFFFFFFF)
 
     def contains(self, ip: int) -> bool:
         return (ip & self.mask) == self.network
@@ -85,6 +84,8 @@ class LeaseTable:
         self.by_mac: dict[tuple[str, int], LeaseEntry] = {}
         self.decline_hold = decline_hold
         self.dirty: list[LeaseEntry] = []
+        #: address -> its subnet (or None): every packet of a relay asks for the same one
+        self._subnet_of: dict[int, SubnetInfo | None] = {}
 
     # -- configuration ------------------------------------------------------------
     def set_subnets(self, subnets: list[SubnetInfo]) -> None:
@@ -94,12 +95,22 @@ class LeaseTable:
                 s.cursor = old[s.id].cursor
                 s.excluded |= old[s.id].excluded
         self.subnets = subnets
+        self._subnet_of = {}
 
     def subnet_for(self, ip: int) -> SubnetInfo | None:
+        try:
+            return self._subnet_of[ip]
+        except KeyError:
+            pass
+        found = None
         for s in self.subnets:
             if (ip & s.mask) == s.network:
-                return s
-        return None
+                found = s
+                break
+        if len(self._subnet_of) >= 4096:
+            self._subnet_of.clear()
+        self._subnet_of[ip] = found
+        return found
 
     def subnet_by_id(self, subnet_id: int) -> SubnetInfo | None:
         for s in self.subnets:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from appliance.dhcp.codec import BROADCAST_FLAG, DhcpPacket, encode, encode_option
+from appliance.dhcp.codec import BROADCAST_FLAG, MIN_REPLY_LEN, DhcpPacket, encode_option
 from appliance.dhcp.leases import SubnetInfo
 from appliance.dhcp.options import (
     BOOTFILE_NAME,
@@ -17,6 +17,7 @@ from appliance.dhcp.options import (
     DOMAIN_NAME,
     HOSTNAME,
     LEASE_TIME,
+    MAGIC_COOKIE,
     MESSAGE,
     MESSAGE_TYPE,
     NAK,
@@ -40,6 +41,8 @@ _MT = {mt: bytes((MESSAGE_TYPE, 1, mt)) for mt in range(1, 9)}
 #: PXE vendor options (43): discovery control = use the boot file in this packet.
 PXE_VENDOR_OPTIONS = bytes((PXE_DISCOVERY_CONTROL, 1, PXE_USE_BOOTFILE, 255))
 _I = struct.Struct("!I")
+#: A reply's fixed header (op .. file) and the magic cookie: what ``codec.encode`` writes.
+_REPLY_HEAD = struct.Struct("!BBBBIHHIIII16s64s128s4s")
 _SERVER_ID_OPTS: dict[int, bytes] = {}  # server id -> encoded option 54
 
 
@@ -83,6 +86,16 @@ def boot_options(boot: BootInfo | None, pkt: DhcpPacket) -> tuple[bytes, bytes]:
     return b"".join(parts), file if len(file) < 128 else b""
 
 
+def leading_options(msg_type: int, server_id: int) -> bytes:
+    """Options 53 and 54, which every reply starts with."""
+    sid = _SERVER_ID_OPTS.get(server_id)
+    if sid is None:
+        if len(_SERVER_ID_OPTS) > 256:
+            _SERVER_ID_OPTS.clear()
+        sid = _SERVER_ID_OPTS[server_id] = ip_opt(SERVER_ID, server_id)
+    return _MT[msg_type] + sid
+
+
 def build(
     pkt: DhcpPacket,
     msg_type: int,
@@ -96,29 +109,36 @@ def build(
     message: str | None = None,
 ) -> bytes:
     """A reply to ``pkt``: message type, server id, ``body`` options, echoes (61, 82)."""
-    sid = _SERVER_ID_OPTS.get(server_id)
-    if sid is None:
-        if len(_SERVER_ID_OPTS) > 256:
-            _SERVER_ID_OPTS.clear()
-        sid = _SERVER_ID_OPTS[server_id] = ip_opt(SERVER_ID, server_id)
-    opts = [_MT[msg_type], sid, body]
+    return finish(pkt, msg_type, leading_options(msg_type, server_id) + body, yiaddr,
+                  siaddr, file, hostname, message)
+
+
+def finish(pkt: DhcpPacket, msg_type: int, opts: bytes, yiaddr: int, siaddr: int,
+           file: bytes = b"", hostname: str | None = None,
+           message: str | None = None) -> bytes:
+    """The reply's bytes: ``opts`` (already encoded, starting with ``leading_options``),
+    then hostname and message when given, the echoes (61, 82), END and padding."""
     if hostname:
-        opts.append(encode_option(HOSTNAME, hostname.encode()))
+        opts += encode_option(HOSTNAME, hostname.encode())
     if message:
-        opts.append(encode_option(MESSAGE, message.encode()))
-    client_id = pkt.options.get(CLIENT_ID)
+        opts += encode_option(MESSAGE, message.encode())
+    options = pkt.options
+    client_id = options.get(CLIENT_ID)
     if client_id is not None:
-        opts.append(encode_option(CLIENT_ID, client_id))  # RFC 6842
-    relay = pkt.options.get(RELAY_AGENT_INFO)
-    if relay is not None and pkt.giaddr:
-        opts.append(encode_option(RELAY_AGENT_INFO, relay))  # RFC 3046: echo, last
-    flags = pkt.flags
-    if msg_type == NAK and pkt.giaddr:
-        flags |= BROADCAST_FLAG
-    return encode(op=BOOTREPLY, xid=pkt.xid, flags=flags, hops=0,
-                  ciaddr=pkt.ciaddr if msg_type != NAK else 0, yiaddr=yiaddr,
-                  siaddr=siaddr, giaddr=pkt.giaddr, chaddr=pkt.chaddr,
-                  options=b"".join(opts), file=file)
+        opts += encode_option(CLIENT_ID, client_id)  # RFC 6842
+    giaddr = pkt.giaddr
+    if giaddr and RELAY_AGENT_INFO in options:
+        opts += encode_option(RELAY_AGENT_INFO, options[RELAY_AGENT_INFO])  # RFC 3046: last
+    flags, ciaddr = pkt.flags, pkt.ciaddr
+    if msg_type == NAK:
+        ciaddr = 0
+        if giaddr:
+            flags |= BROADCAST_FLAG
+    out = _REPLY_HEAD.pack(BOOTREPLY, 1, 6, 0, pkt.xid, 0, flags, ciaddr, yiaddr, siaddr,
+                           giaddr, pkt.chaddr, b"", file, MAGIC_COOKIE) + opts + b"\xff"
+    if len(out) < MIN_REPLY_LEN:
+        out += bytes(MIN_REPLY_LEN - len(out))
+    return out
 
 
 def route(pkt: DhcpPacket, rx: Incoming, msg_type: int, yiaddr: int, payload: bytes,

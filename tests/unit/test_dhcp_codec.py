@@ -257,3 +257,32 @@ def test_every_scapy_option_code_round_trips() -> None:
         wire = raw(BOOTP(chaddr=MAC) / DHCP(options=[("message-type", 1), (fld.name, value),
                                                      "end"]))
         assert decode(wire).options == scapy_options(BOOTP(wire)), fld.name
+
+
+@pytest.mark.parametrize("msg_type", [2, 5, 6])
+def test_reply_builder_writes_what_the_codec_encodes(msg_type: int) -> None:
+    """``replies.finish`` packs the header itself (hot path): byte for byte what
+    ``codec.encode`` (checked against scapy above) writes for the same reply."""
+    from appliance.dhcp import replies
+
+    request = decode(raw(
+        BOOTP(chaddr=MAC, xid=0xABCD, flags=0x8000, ciaddr="10.250.2.9",
+              giaddr="10.250.3.1", hops=1, secs=7)
+        / DHCP(options=[("message-type", "request"), ("client_id", b"\x01" + MAC),
+                        ("relay_agent_information", b"\x01\x04eth7"), "end"])))
+    sid = ip_to_int("10.250.2.1")
+    body = encode_options([(51, (3600).to_bytes(4, "big")), (1, socket.inet_aton("255.255.255.0"))])
+    got = replies.build(request, msg_type, sid, yiaddr=ip_to_int("10.250.2.50"),
+                        siaddr=ip_to_int("10.250.2.1"), body=body, file=b"undionly.kpxe",
+                        hostname="node7", message="why" if msg_type == 6 else None)
+    opts = [(53, bytes([msg_type])), (54, socket.inet_aton("10.250.2.1"))]
+    expected_options = encode_options(opts) + body + encode_options(
+        [(12, b"node7")] + ([(56, b"why")] if msg_type == 6 else [])
+        + [(61, b"\x01" + MAC), (82, b"\x01\x04eth7")])
+    expected = codec.encode(
+        op=2, xid=0xABCD, flags=0x8000, ciaddr=0 if msg_type == 6 else ip_to_int("10.250.2.9"),
+        yiaddr=ip_to_int("10.250.2.50"), siaddr=ip_to_int("10.250.2.1"),
+        giaddr=ip_to_int("10.250.3.1"), chaddr=MAC.ljust(16, b"\x00"),
+        options=expected_options, file=b"undionly.kpxe")
+    assert got == expected
+    assert len(got) >= codec.MIN_REPLY_LEN
