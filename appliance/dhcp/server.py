@@ -46,6 +46,7 @@ from appliance.dhcp.store import (
     load_leases,
     load_subnets,
     subnet_signature,
+    tune_connections,
 )
 from appliance.dhcp.transport import Transport
 from appliance.ratelimit import RateLimitedLog
@@ -94,6 +95,7 @@ class DhcpServer:
         self.error_log = RateLimitedLog(log)
         self.pending_subnets: list[SubnetInfo] | None = None
         self.kernel_drops_at_start = 0
+        tune_connections(db)
         self.lease_writer = LeaseWriter(db)
         self.transport: Transport | None = None
         self.housekeeper: Housekeeper | None = None

@@ -192,3 +192,34 @@ def test_transport_splits_discovers_into_their_own_socket() -> None:
         assert [rx.data for rx in main] == [payload(7, REQUEST)]
     finally:
         t.close()
+
+
+def test_dhcp_connections_checkpoint_less_often(tmp_path: Path) -> None:
+    """The packet thread's lease writes and its housekeeping both run with the larger
+    WAL checkpoint interval, and what the writer commits is in the database."""
+    from sqlalchemy import text
+
+    from appliance.dhcp.store import WAL_AUTOCHECKPOINT_PAGES, LeaseWriter, tune_connections
+    from appliance.models import Subnet
+
+    db = Database(f"sqlite:///{tmp_path / 'a.db'}")
+    db.migrate()
+    with db.session() as s:
+        s.add(Subnet(id=1, network="10.250.0.0/16"))
+    tune_connections(db)
+    tune_connections(db)  # idempotent
+    writer = LeaseWriter(db)
+    now = time.time()
+    writer.write([("10.250.60.1", "02:00:00:00:00:01", 1, "bound", None, None, now,
+                   now + 3600, now)])
+    assert writer._conn is not None
+    cur = writer._conn.cursor()
+    assert cur.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_AUTOCHECKPOINT_PAGES
+    cur.close()
+    db.engine.dispose()  # fresh pool connections: the listener sets them up too
+    with db.session() as s:
+        pages = s.execute(text("PRAGMA wal_autocheckpoint")).scalar()
+        assert pages == WAL_AUTOCHECKPOINT_PAGES
+        assert s.execute(text("SELECT mac FROM leases")).scalars().all() == [
+            "02:00:00:00:00:01"]
+    writer.close()
