@@ -50,6 +50,11 @@ _MSG_TRUNC = int(socket.MSG_TRUNC)
 _IPPROTO_IP = int(socket.IPPROTO_IP)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _PKTINFO = struct.Struct("=i4s4s")
+#: struct in_pktinfo read as (ifindex, ipi_spec_dst as a native-order int)
+_PKTINFO_INT = struct.Struct("=iI")
+_ntohl = socket.ntohl
+#: sender address text -> int (the packet loop sees the same few relays again and again)
+_ADDR_INTS: dict[str, int] = {}
 _TIMEVAL = struct.Struct("=qq")
 _CMSG_SPACE = socket.CMSG_SPACE(_PKTINFO.size) + socket.CMSG_SPACE(_TIMEVAL.size)
 _IP_HDR = struct.Struct("!BBHHHBBH4s4s")
@@ -236,8 +241,9 @@ class Transport:
     def read(sock: socket.socket, port: int, out: list[Incoming], limit: int) -> int:
         """Read up to ``limit`` datagrams from ``sock`` without blocking."""
         recvmsg = sock.recvmsg
+        append = out.append
+        addr_ints = _ADDR_INTS
         n = 0
-        ip_level, pktinfo = _IPPROTO_IP, IP_PKTINFO
         while n < limit:
             try:
                 data, anc, flags, addr = recvmsg(RECV_BUFFER, _CMSG_SPACE)
@@ -251,16 +257,20 @@ class Transport:
             local = 0
             rx_time = 0.0
             for level, kind, cdata in anc:
-                if level == ip_level and kind == pktinfo:
-                    ifindex, spec_dst, _dst = _PKTINFO.unpack_from(cdata)
-                    local = int.from_bytes(spec_dst, "big")
-                elif kind == SO_TIMESTAMP:
+                if kind == IP_PKTINFO and level == _IPPROTO_IP:
+                    ifindex, local = _PKTINFO_INT.unpack_from(cdata)
+                elif kind == SO_TIMESTAMP and level == _SOL_SOCKET:
                     sec, usec = _TIMEVAL.unpack_from(cdata)
                     rx_time = sec + usec * 1e-6
             if flags & _MSG_TRUNC:
                 data = data + b"\x00" * (RECV_BUFFER + 1 - len(data))  # mark as oversized
-            src_ip = int.from_bytes(socket.inet_aton(addr[0]), "big")
-            out.append(Incoming(data, src_ip, addr[1], ifindex, local, port, rx_time))
+            src_text, src_port = addr
+            src_ip = addr_ints.get(src_text)
+            if src_ip is None:
+                if len(addr_ints) > 4096:
+                    addr_ints.clear()
+                src_ip = addr_ints[src_text] = int.from_bytes(socket.inet_aton(src_text), "big")
+            append(Incoming(data, src_ip, src_port, ifindex, _ntohl(local), port, rx_time))
             n += 1
         return n
 
