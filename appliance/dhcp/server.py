@@ -66,8 +66,22 @@ REQUEST_MAX_AGE = 3.0
 #: Share of the time database housekeeping (registering the machines seen, mostly) may
 #: take while packets keep coming; the rest goes to answering.
 HOUSEKEEPING_SHARE = 0.05
+#: Housekeeping slice when no packet came while the loop waited in poll().
+QUIET_SLICE = 0.05
+#: Smallest housekeeping slice worth starting while packets flow.
+MIN_SLICE = 0.003
 #: Message type -> counter of received messages.
 _COUNTED = dict(MESSAGE_NAMES)
+
+
+def housekeeping_budget(waited: bool, events: bool, allowance: float) -> float:
+    """Seconds of housekeeping to do after a poll(): a good slice when the loop waited
+    (poll with a timeout) and nothing came; otherwise what the allowance grants, if it is
+    worth a slice. An empty poll(0) right after a full chunk is not quiet: it is a lull
+    in a stream of packets, and a quiet-sized slice there would delay the next ones."""
+    if waited and not events:
+        return QUIET_SLICE
+    return allowance if allowance >= MIN_SLICE else 0.0
 
 
 class DhcpServer:
@@ -176,6 +190,7 @@ class DhcpServer:
                 subnets, self.pending_subnets = self.pending_subnets, None
                 self.table.set_subnets(subnets)
                 log.info("subnets reloaded: %s", ", ".join(s.cidr for s in subnets) or "none")
+            waited = not busy
             events = poller.poll(0 if busy else 200)
             busy = bool(events) and self.pump(receivers)
             # Other database work: when quiet, a good slice; while packets flow, at most
@@ -184,11 +199,11 @@ class DhcpServer:
             # of the clock: on a machine busy with other work, where this thread gets
             # half a core, housekeeping gets half as much, as the answers do.
             cpu = time.thread_time()
-            allowance = min(allowance + HOUSEKEEPING_SHARE * (cpu - cpu_last), 0.05)
+            allowance = min(allowance + HOUSEKEEPING_SHARE * (cpu - cpu_last), QUIET_SLICE)
             cpu_last = cpu
             now = time.monotonic()
-            budget = 0.05 if not events else (allowance if allowance >= 0.003 else 0.0)
-            allowance -= self.housekeeper.idle(budget)
+            allowance -= self.housekeeper.idle(
+                housekeeping_budget(waited, bool(events), allowance))
             if now >= next_drops:  # what the kernel shed for us, for the counters
                 next_drops = now + 1.0
                 drops = self.transport.kernel_drops()

@@ -157,6 +157,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def test_housekeeping_slice_only_when_quiet() -> None:
+    """A quiet slice only after poll() waited and nothing came; an empty poll(0) right
+    after a full chunk (packets still flowing) gets only the allowance."""
+    budget = server_mod.housekeeping_budget
+    assert budget(waited=True, events=False, allowance=0.0) == server_mod.QUIET_SLICE
+    assert budget(waited=False, events=False, allowance=0.0) == 0.0
+    assert budget(waited=False, events=False, allowance=0.004) == 0.004
+    assert budget(waited=True, events=True, allowance=0.001) == 0.0
+    assert budget(waited=False, events=True, allowance=0.01) == 0.01
+
+
 def test_transport_splits_discovers_into_their_own_socket() -> None:
     port = _free_port()
     t = Transport("127.0.0.1", [port])
