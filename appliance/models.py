@@ -77,7 +77,9 @@ class Lease(Base):
     hostname: Mapped[str | None] = mapped_column(String(255))
     client_id: Mapped[str | None] = mapped_column(String(255))
     starts_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-    expires_at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
+    #: Not indexed: each index costs every lease write in the DHCP packet loop, and no
+    #: query needs this one (schema 0004).
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
 

@@ -8,13 +8,17 @@ def test_migrate_is_idempotent_and_counters_roundtrip(database_url: str) -> None
     db = Database(database_url)
     db.migrate()
     db.migrate()
-    assert current_revision(db.engine) == "0003"
+    assert current_revision(db.engine) == "0004_leases_no_expiry_index"
     if database_url.startswith("sqlite"):
         with db.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     tables = set(inspect(db.engine).get_table_names())
     assert {"subnets", "reservations", "leases", "machines", "events", "counters",
             "profiles", "images", "install_logs", "power_requests"} <= tables
+    # leases: found by address (unique) and MAC; no index on expires_at (0004)
+    assert {ix["name"] for ix in inspect(db.engine).get_indexes("leases")} >= {"ix_leases_mac"}
+    assert "ix_leases_expires_at" not in {
+        ix["name"] for ix in inspect(db.engine).get_indexes("leases")}
     publish_counters(db, "dhcp", {"received": 3, "dropped_malformed": 1})
     publish_counters(db, "dhcp", {"received": 5, "dropped_malformed": 1})
     assert read_counters(db) == {"dhcp": {"dropped_malformed": 1, "received": 5}}
