@@ -146,6 +146,27 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
+def cpu_list(spec: str) -> list[int]:
+    """``0,2-3`` -> [0, 2, 3] (taskset's CPU list syntax)."""
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def busy_seconds(cpus: list[int]) -> float:
+    """Non-idle CPU seconds of these CPUs since boot (from /proc/stat)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            v = [int(x) for x in values]
+            total += sum(v[:8]) - v[3] - v[4]  # all but idle and iowait (guest is in user)
+    return total / ticks
+
+
 def cpu_seconds(root: int) -> float:
     """User + system CPU seconds used so far by a process tree (live processes only)."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -427,6 +448,9 @@ class LevelResult:
     ra: Exchange = field(default_factory=Exchange)
     perfdhcp_rate: float | None = None  # perfdhcp's own "Rate:" line
     cpu_percent: float | None = None  # server process tree, 100 = one core
+    #: with --pin: CPU time of everything else on the server's CPUs (other users' work,
+    #: interrupts), 100 = one core; what the server could not have used
+    other_percent: float | None = None
     cli_rcvbuf_drops: int = 0  # UDP datagrams dropped at perfdhcp's full socket
     srv_rcvbuf_drops: int = 0  # UDP datagrams dropped at the server's full socket
     wall: float = 0.0
@@ -473,7 +497,8 @@ def parse_perfdhcp(text: str) -> tuple[dict[str, Exchange], float | None]:
 
 
 def run_perfdhcp(bed: Testbed, server: Server, level: str, duration: float, clients: int,
-                 unicast: bool, raw_dir: Path, pin: list[str], rep: int) -> LevelResult:
+                 unicast: bool, raw_dir: Path, pin: list[str], rep: int,
+                 server_cpus: list[int]) -> LevelResult:
     rate = None if level == "flood" else int(level)
     cmd = ["ip", "netns", "exec", bed.cli_ns, *pin, "perfdhcp", "-4", "-l", bed.cli_if,
            "-R", str(clients), "-p", f"{duration:g}"]
@@ -484,6 +509,7 @@ def run_perfdhcp(bed: Testbed, server: Server, level: str, duration: float, clie
     res = LevelResult(server=server.name, level=level, rate=rate, duration=duration, rep=rep)
     assert server.proc is not None
     cli0, srv0 = bed.udp_rcvbuf_errors(bed.cli_ns), bed.udp_rcvbuf_errors(bed.srv_ns)
+    busy0 = busy_seconds(server_cpus) if server_cpus else 0.0
     cpu0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
@@ -492,7 +518,11 @@ def run_perfdhcp(bed: Testbed, server: Server, level: str, duration: float, clie
         return res
     res.wall = time.monotonic() - t0
     if server.alive():
-        res.cpu_percent = 100 * (cpu_seconds(server.proc.pid) - cpu0) / res.wall
+        used = cpu_seconds(server.proc.pid) - cpu0
+        res.cpu_percent = 100 * used / res.wall
+        if server_cpus:
+            busy = busy_seconds(server_cpus) - busy0
+            res.other_percent = max(0.0, 100 * (busy - used) / res.wall)
     else:
         res.error = f"{server.name} died during the run:\n{server.log_tail()}"
     res.cli_rcvbuf_drops = bed.udp_rcvbuf_errors(bed.cli_ns) - cli0
@@ -535,10 +565,12 @@ def level_label(level: str, collapse_level: str | None) -> str:
 def print_details(results: list[LevelResult], collapse_level: str | None) -> None:
     print("\nPer-server detail (counts over the whole period; offered/s = DISCOVERs perfdhcp "
           "actually sent per second;\n srv full / cli full = UDP datagrams the kernel dropped "
-          "because the server's / perfdhcp's socket buffer was full)")
+          "because the server's / perfdhcp's socket buffer was full;\n other = CPU time of "
+          "everything but the server on the server's CPUs (with --pin; other users' work, "
+          "interrupts): 100% = one core)")
     head = (f"{'server':<10} {'level':>13} {'rep':>3} {'offered/s':>10} {'OFFER rx':>9} "
             f"{'REQ tx':>9} {'ACK rx':>9} {'DORA/s':>8} {'DO ms':>7} {'RA ms':>7} {'srv CPU':>8} "
-            f"{'srv full':>9} {'cli full':>9}")
+            f"{'srv full':>9} {'cli full':>9} {'other':>6}")
     print(head)
     print("-" * len(head))
     for r in results:
@@ -549,10 +581,11 @@ def print_details(results: list[LevelResult], collapse_level: str | None) -> Non
         delay = [("-" if x is None else f"{x:.1f}") for x in (r.do.avg_delay_ms,
                                                                r.ra.avg_delay_ms)]
         cpu = "-" if r.cpu_percent is None else f"{r.cpu_percent:.0f}%"
+        other = "-" if r.other_percent is None else f"{r.other_percent:.0f}%"
         print(f"{r.server:<10} {level_label(r.level, collapse_level):>13} {r.rep:>3} "
               f"{r.offered_per_s:>10,.0f} {r.do.received:>9,} {r.ra.sent:>9,} "
               f"{r.ra.received:>9,} {r.dora_per_s:>8,.0f} {delay[0]:>7} {delay[1]:>7} "
-              f"{cpu:>8} {r.srv_rcvbuf_drops:>9,} {r.cli_rcvbuf_drops:>9,}"
+              f"{cpu:>8} {r.srv_rcvbuf_drops:>9,} {r.cli_rcvbuf_drops:>9,} {other:>6}"
               + ("  (!) " + r.error.splitlines()[0] if r.error else ""))
 
 
@@ -620,6 +653,7 @@ def main() -> int:  # noqa: C901 - a linear script
         if len(cpus) != 2 or not all(re.fullmatch(r"[0-9,-]+", c) for c in cpus):
             ap.error(f"bad --pin {args.pin!r} (want CLIENT:SERVER CPU lists, e.g. 0:1)")
         pin_client, pin_server = ["taskset", "-c", cpus[0]], ["taskset", "-c", cpus[1]]
+    server_cpus = cpu_list(args.pin.split(":")[1]) if args.pin else []
 
     duration = args.duration or (4.0 if args.quick else 10.0)
     levels = (args.rates.split(",") if args.rates
@@ -710,7 +744,8 @@ def main() -> int:  # noqa: C901 - a linear script
                         continue
                     try:
                         res = run_perfdhcp(bed, srv, level, duration, args.clients,
-                                           args.unicast, raw_dir, pin_client, rep)
+                                           args.unicast, raw_dir, pin_client, rep,
+                                           server_cpus)
                     finally:
                         srv.stop()
                     results.append(res)
