@@ -69,6 +69,8 @@ class PowerWorker:
         self.lock = threading.Lock()
         self.next_poll: dict[int, float] = {}
         self.futures: set[Future[None]] = set()
+        #: Set when a call ends, so the loop claims the next request at once.
+        self.wake = threading.Event()
 
     # -- startup --------------------------------------------------------------------
 
@@ -144,6 +146,7 @@ class PowerWorker:
     def _release(self, machine_id: int) -> None:
         with self.lock:
             self.busy.discard(machine_id)
+        self.wake.set()  # a worker is free: claim the next request now, not next round
 
     def _run_request(self, request_id: int, machine_id: int) -> None:
         try:
@@ -325,7 +328,8 @@ class PowerWorker:
                 self.poll_due(time.monotonic())
             except Exception:  # noqa: BLE001 - a database hiccup is retried next round
                 log.exception("power loop")
-            stop.wait(CLAIM_INTERVAL)
+            self.wake.wait(CLAIM_INTERVAL)
+            self.wake.clear()
 
     def close(self, grace: float = 15.0) -> None:
         """Let calls in flight finish (each is bounded by its policy) before exiting."""
