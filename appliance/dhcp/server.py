@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import select
-import signal
 import threading
 import time
 from typing import Any
@@ -50,6 +49,7 @@ from appliance.dhcp.store import (
 )
 from appliance.dhcp.transport import Transport
 from appliance.ratelimit import RateLimitedLog
+from appliance.stopsignals import stop_on_signals
 
 log = logging.getLogger("appliance.dhcp")
 
@@ -309,15 +309,10 @@ class DhcpServer:
 def run(config: Config, db: Database, stop: threading.Event | None = None) -> None:
     """Serve DHCP until SIGTERM/SIGINT or until ``stop`` is set."""
     stop = stop or threading.Event()
-    restore: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            restore[sig] = signal.signal(sig, lambda *_: stop.set())
     server = DhcpServer(config, db)
-    try:
-        server.start()
-        server.serve(stop)
-    finally:
-        server.close()
-        for sig, handler in restore.items():
-            signal.signal(sig, handler)
+    with stop_on_signals(stop, "DHCP", log):
+        try:
+            server.start()
+            server.serve(stop)
+        finally:
+            server.close()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,8 +30,9 @@ from appliance.db import Database, publish_counters
 from appliance.lifecycle import record_event
 from appliance.models import Machine, PowerRequest, utcnow
 from appliance.power.calls import CallOutcome, CallPolicy, run_call, wait_for_stragglers
-from appliance.power.control import PowerError, bmc_access, machine_label
-from appliance.power.driver import CONFIG, BmcError
+from appliance.power.control import PowerError, bmc_access, machine_label, persistence
+from appliance.power.driver import CONFIG, BmcAccess, BmcError
+from appliance.stopsignals import stop_on_signals
 
 log = logging.getLogger("appliance.power")
 
@@ -50,7 +50,7 @@ def _describe(operation: str, args: dict[str, Any]) -> str:
     if operation == "power":
         return f"power {args.get('action')}"
     if operation == "boot":
-        how = "persistent" if args.get("persistent") else "next boot only"
+        how = persistence(bool(args.get("persistent")))
         return f"boot {args.get('device')} ({how}, {args.get('mode')})"
     if operation == "identify":
         return f"identify {'on' if args.get('on') else 'off'}"
@@ -148,21 +148,27 @@ class PowerWorker:
             self.busy.discard(machine_id)
         self.wake.set()  # a worker is free: claim the next request now, not next round
 
+    def _access(self, machine: Machine) -> BmcAccess | PowerError:
+        """The machine's BMC access, or why there is none (settings, key file)."""
+        try:
+            return bmc_access(self.config, machine)
+        except PowerError as exc:
+            return exc
+
+    def _call(self, access: BmcAccess | PowerError, operation: str,
+              args: dict[str, Any]) -> CallOutcome:
+        if isinstance(access, PowerError):
+            return CallOutcome(ok=False, error=BmcError(CONFIG, str(access)))
+        return run_call(access, operation, args, self.policy)
+
     def _run_request(self, request_id: int, machine_id: int) -> None:
         try:
-            setup_error = ""
             with self.db.session() as session:
                 req = session.get(PowerRequest, request_id)
                 assert req is not None
                 operation, args, actor = req.operation, dict(req.args or {}), req.actor
-                try:
-                    access = bmc_access(self.config, req.machine)
-                except PowerError as exc:
-                    access, setup_error = None, str(exc)
-            if access is None:
-                outcome = CallOutcome(ok=False, error=BmcError(CONFIG, setup_error))
-            else:
-                outcome = run_call(access, operation, args, self.policy)
+                access = self._access(req.machine)
+            outcome = self._call(access, operation, args)
             self._finish_request(request_id, operation, args, actor, outcome)
             self._settle(outcome, machine_id)
         except Exception:  # noqa: BLE001 - one request's failure must not stop the part
@@ -233,10 +239,7 @@ class PowerWorker:
             _record_reading(object_session(machine), machine, "power", result.get("power"))
         elif operation == "power" and args.get("action") in STATE_AFTER:
             machine.power_state = STATE_AFTER[args["action"]]
-        else:
-            return
-        machine.power_checked_at = utcnow()
-        machine.power_error = None
+            machine.power_checked_at, machine.power_error = utcnow(), None
 
     # -- polling --------------------------------------------------------------------
 
@@ -273,15 +276,8 @@ class PowerWorker:
                 machine = session.get(Machine, machine_id)
                 if machine is None or not machine.bmc_driver:
                     return
-                setup_error = ""
-                try:
-                    access = bmc_access(self.config, machine)
-                except PowerError as exc:
-                    access, setup_error = None, str(exc)
-            if access is None:
-                outcome = CallOutcome(ok=False, error=BmcError(CONFIG, setup_error))
-            else:
-                outcome = run_call(access, "status", {}, self.policy)
+                access = self._access(machine)
+            outcome = self._call(access, "status", {})
             self._record_poll(machine_id, outcome)
             self._settle(outcome, machine_id)
         except Exception:  # noqa: BLE001
@@ -294,7 +290,6 @@ class PowerWorker:
             machine = session.get(Machine, machine_id)
             if machine is None:
                 return
-            machine.power_checked_at = utcnow()
             details = {"attempts": outcome.attempts, "duration_s": round(outcome.duration, 3)}
             if outcome.ok:
                 _record_reading(session, machine, POLLER, outcome.result.get("power"),
@@ -307,7 +302,7 @@ class PowerWorker:
                 record_event(session, machine, POLLER, "bmc-unreachable",
                              f"power status poll failed: {error}",
                              {**details, "failures": outcome.failures})
-            machine.power_error = error
+            machine.power_error, machine.power_checked_at = error, utcnow()
 
     # -- loop -----------------------------------------------------------------------
 
@@ -360,22 +355,13 @@ def _record_reading(session: Any, machine: Machine, actor: str, new: str | None,
 def run(config: Config, db: Database, stop: threading.Event | None = None) -> None:
     """Run the power part until SIGTERM/SIGINT or ``stop``."""
     stop = stop if stop is not None else threading.Event()
-    old: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        def handler(signum: int, _frame: object) -> None:
-            if not stop.is_set():
-                log.info("received %s, stopping power", signal.Signals(signum).name)
-            stop.set()
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     worker = PowerWorker(config, db)
     log.info("power: %d workers, call timeout %g s x %d attempts, poll every %s",
              config.power.workers, config.power.call_timeout, config.power.attempts,
              f"{config.power.poll_interval} s" if config.power.poll_interval else "(off)")
-    try:
-        worker.serve(stop)
-    finally:
-        worker.close()
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        log.info("power stopped")
+    with stop_on_signals(stop, "power", log):
+        try:
+            worker.serve(stop)
+        finally:
+            worker.close()
+            log.info("power stopped")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import logging
 import selectors
-import signal
 import socket
 import threading
 import time
@@ -24,6 +23,7 @@ from appliance.config import Config
 from appliance.db import Database, publish_counters
 from appliance.models import utcnow
 from appliance.ratelimit import RateLimitedLog
+from appliance.stopsignals import stop_on_signals
 from appliance.syslog.batch import Batcher, new_counters
 from appliance.syslog.parse import MAX_MESSAGE_BYTES, Malformed, StreamFramer, parse
 
@@ -215,31 +215,17 @@ class SyslogServer:
         self.publish()
 
 
-def _install_signals(stop: threading.Event) -> dict[int, object]:
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def handler(signum: int, _frame: object) -> None:
-        if not stop.is_set():
-            log.info("received %s, stopping syslog", signal.Signals(signum).name)
-        stop.set()
-
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
 def run(config: Config, db: Database, stop: threading.Event | None = None) -> None:
     """Receive installer syslog on ``[syslog] bind:port`` until a signal or ``stop``."""
     stop = stop if stop is not None else threading.Event()
-    old_handlers = _install_signals(stop)
     server = SyslogServer(config, db)
-    try:
-        host, port = server.open()
-        log.info("syslog receiving installer logs on %s:%d (udp%s, max %d bytes)", host, port,
-                 ", tcp" if server.tcp else "", MAX_MESSAGE_BYTES)
-        server.serve(stop.is_set)
-        log.info("syslog stopped: %s",
-                 ", ".join(f"{k}={v}" for k, v in server.counters.items() if v))
-    finally:
-        server.close()
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+    with stop_on_signals(stop, "syslog", log):
+        try:
+            host, port = server.open()
+            log.info("syslog receiving installer logs on %s:%d (udp%s, max %d bytes)", host,
+                     port, ", tcp" if server.tcp else "", MAX_MESSAGE_BYTES)
+            server.serve(stop.is_set)
+            log.info("syslog stopped: %s",
+                     ", ".join(f"{k}={v}" for k, v in server.counters.items() if v))
+        finally:
+            server.close()

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import selectors
-import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import time
 
 from appliance.config import Config
 from appliance.db import Database, publish_counters
+from appliance.stopsignals import stop_on_signals
 from appliance.tftp.engine import Engine, new_counters, worker_count
 
 log = logging.getLogger("appliance.tftp")
@@ -61,21 +61,6 @@ class _Publisher(threading.Thread):
             self.publish()
 
 
-def _install_signals(stop: threading.Event) -> dict[int, object]:
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    old: dict[int, object] = {}
-
-    def handler(signum: int, _frame: object) -> None:
-        if not stop.is_set():
-            log.info("received %s, stopping TFTP", signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        old[sig] = signal.signal(sig, handler)
-    return old
-
-
 def run(config: Config, db: Database, stop: threading.Event | None = None) -> None:
     """Serve TFTP (read-only) from ``config.tftp.root`` until a signal or ``stop``."""
     logging.getLogger("tftpy").setLevel(logging.WARNING)   # tftpy logs every packet
@@ -83,16 +68,12 @@ def run(config: Config, db: Database, stop: threading.Event | None = None) -> No
     cfg = config.tftp
     if not os.path.isdir(cfg.root):
         log.error("TFTP root %s is not a directory; serving nothing but errors", cfg.root)
-    old_handlers = _install_signals(stop)
-    try:
+    with stop_on_signals(stop, "TFTP", log):
         n = worker_count(cfg)
         if n == 1:
             _run_in_process(config, db, stop)
         else:
             _run_workers(config, db, stop, n)
-    finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 def _run_in_process(config: Config, db: Database, stop: threading.Event) -> None:
