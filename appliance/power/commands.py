@@ -18,6 +18,7 @@ from typing import Any
 from appliance import profiles
 from appliance.config import Config
 from appliance.db import Database
+from appliance.inventory import as_dict
 from appliance.power import control
 from appliance.power.driver import BOOT_DEVICES, BOOT_MODES, POWER_ACTIONS
 
@@ -151,7 +152,7 @@ def _queue_and_wait(args: argparse.Namespace, config: Config, operation: str,
         return 0
     done = control.wait(db, request_id, timeout=args.wait)
     if args.json:
-        print(json.dumps(control.request_summary(done), indent=2, default=str))
+        print(json.dumps(as_dict(done), indent=2, default=str))
     elif done.state == "succeeded":
         print(_success_line(label, operation, done.result or {}))
     else:
@@ -164,11 +165,11 @@ def _success_line(label: str, operation: str, result: dict[str, Any]) -> str:
     if operation == "status":
         return f"{label}: power is {result.get('power')}"
     if operation == "get-boot":
-        how = "persistent" if result.get("persistent") else "next boot only"
+        how = control.persistence(bool(result.get("persistent")))
         mode = result.get("mode") or "mode not reported"
         return f"{label}: boot {result.get('device')} ({how}, {mode})"
     if operation == "boot":
-        how = "persistent" if result.get("persistent") else "next boot only"
+        how = control.persistence(bool(result.get("persistent")))
         return f"{label}: next boot {result.get('device')} ({how}, {result.get('mode')})"
     if operation == "identify":
         return f"{label}: identify light {'on' if result.get('on') else 'off'}"

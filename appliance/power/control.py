@@ -83,13 +83,8 @@ def _check_address(driver: str, address: str) -> str:
 def _default_port(driver: str, address: str) -> int:
     """623 for IPMI; for Redfish the URL's own port, else 80 for http://, 443 otherwise."""
     if driver == "redfish" and "://" in address:
-        scheme, _, rest = address.partition("://")
-        hostport = rest.split("/", 1)[0]
-        if not hostport.endswith("]") and ":" in hostport:
-            tail = hostport.rsplit(":", 1)[1]
-            if tail.isdigit():
-                return int(tail)
-        return 80 if scheme == "http" else 443
+        url = urlsplit(address)
+        return url.port or (80 if url.scheme == "http" else 443)
     return DEFAULT_PORTS[driver]
 
 
@@ -178,6 +173,11 @@ def machine_label(machine: Machine) -> str:
     return machine.hostname or machine.mac
 
 
+def persistence(persistent: bool) -> str:
+    """How a boot override applies, in words for events and CLI output."""
+    return "persistent" if persistent else "next boot only"
+
+
 def default_boot_mode(machine: Machine) -> str:
     """UEFI when the machine last network-booted as UEFI (DHCP option 93), else BIOS."""
     return "uefi" if (machine.arch or "").startswith("uefi") else "bios"
@@ -247,21 +247,3 @@ def power_part_alive(session: Session) -> bool:
     beat = session.scalar(select(Counter.value).where(Counter.part == "power",
                                                       Counter.name == "heartbeat"))
     return beat is not None and time.time() - beat < HEARTBEAT_STALE
-
-
-def list_requests(session: Session, machine: Machine | None = None,
-                  limit: int = 50) -> list[PowerRequest]:
-    query = select(PowerRequest).order_by(PowerRequest.id.desc()).limit(limit)
-    if machine is not None:
-        query = query.where(PowerRequest.machine_id == machine.id)
-    return list(session.scalars(query))
-
-
-def request_summary(req: PowerRequest) -> dict[str, Any]:
-    return {
-        "id": req.id, "machine_id": req.machine_id, "operation": req.operation,
-        "args": req.args, "actor": req.actor, "state": req.state, "result": req.result,
-        "error": req.error, "error_kind": req.error_kind, "attempts": req.attempts,
-        "created_at": req.created_at, "started_at": req.started_at,
-        "finished_at": req.finished_at,
-    }

@@ -188,6 +188,11 @@ class IpmiDriver(PowerDriver):
                 ipmi_session.evq.popleft().set()
         return box["r"]
 
+    def _session_key(self) -> tuple[Any, ...]:
+        """pyghmi's key for a session being set up (bmc, user, password, port, kg)."""
+        return (self.access.address, self.access.username, self.access.password,
+                self.access.port, None)
+
     def _lost_login_error(self) -> str:
         """The reason of a failed login that pyghmi 1.6.19 lost in a race.
 
@@ -198,10 +203,9 @@ class IpmiDriver(PowerDriver):
         """
         from pyghmi.ipmi.private import session
 
-        key = (self.access.address, self.access.username, self.access.password,
-               self.access.port, None)
         for _ in range(20):
-            message = getattr(session.Session.initting_sessions.get(key), "errormsg", None)
+            message = getattr(session.Session.initting_sessions.get(self._session_key()),
+                              "errormsg", None)
             if message:
                 return str(message)
             time.sleep(0.01)
@@ -218,9 +222,7 @@ class IpmiDriver(PowerDriver):
         """
         from pyghmi.ipmi.private import session
 
-        key = (self.access.address, self.access.username, self.access.password,
-               self.access.port, None)
-        session.Session.initting_sessions.pop(key, None)
+        session.Session.initting_sessions.pop(self._session_key(), None)
 
     def close(self) -> None:
         if self._command is None:

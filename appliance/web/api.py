@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
+from appliance.inventory import as_dict
 from appliance.models import Machine, PowerRequest
 from appliance.power import control
 from appliance.profiles import ProfileError, find_machine
@@ -131,8 +132,8 @@ def get_power(ident: str) -> Response:
 def _queue(ident: str, operation: str, args: dict[str, Any]) -> tuple[Response, int]:
     with state().db.session() as session:
         req = control.request(session, _machine(session, ident), operation, args, _actor())
-        summary = control.request_summary(req)
-    return jsonify(_jsonable(summary)), 202
+        summary = as_dict(req)
+    return jsonify(summary), 202
 
 
 @api.post("/machines/<ident>/power")
@@ -164,8 +165,4 @@ def get_power_request(request_id: int) -> Response:
         req = session.get(PowerRequest, request_id)
         if req is None:
             raise ApiError(404, f"power request {request_id} does not exist")
-        return jsonify(_jsonable(control.request_summary(req)))
-
-
-def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+        return jsonify(as_dict(req))
