@@ -19,11 +19,14 @@ from appliance.models import Counter, utcnow
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, extra_pragmas: list[str] | None = None) -> Engine:
     """Create an engine; for SQLite, create the directory and switch to WAL.
 
     A plain ``postgresql://`` URL uses psycopg 3, the driver the appliance depends on.
+    ``extra_pragmas`` (SQLite): run on every new connection after the standard ones; the
+    list is read at each connect, so a pragma appended later applies to later connections.
     """
+    extra = extra_pragmas if extra_pragmas is not None else []
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
@@ -38,6 +41,8 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
+            for pragma in extra:
+                cur.execute(pragma)
             cur.close()
 
         return engine
@@ -49,8 +54,17 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self._sqlite_pragmas: list[str] = []
+        self.engine = make_engine(url, self._sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def add_sqlite_pragma(self, pragma: str) -> None:
+        """Run ``pragma`` on every SQLite connection from now on (no-op elsewhere, and
+        when already added). Pooled connections are dropped so none is left without it."""
+        if self.engine.dialect.name != "sqlite" or pragma in self._sqlite_pragmas:
+            return
+        self._sqlite_pragmas.append(pragma)
+        self.engine.dispose()
 
     @contextmanager
     def session(self) -> Iterator[Session]:

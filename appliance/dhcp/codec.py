@@ -25,6 +25,8 @@ from appliance.dhcp.options import (
 
 HEADER = struct.Struct("!BBBBIHHIIII16s64s128s")
 HEADER_LEN = HEADER.size  # 236
+#: The header and the magic cookie, packed in one call when encoding.
+_HEADER_COOKIE = struct.Struct(HEADER.format + "4s")
 #: The fixed header and the magic cookie, unpacked in one go.
 _HEADER_COOKIE = struct.Struct("!BBBBIHHIIII16s64s128s4s")
 OPTIONS_OFFSET = HEADER_LEN + 4  # after the magic cookie
@@ -197,11 +199,23 @@ def encode(
     hlen: int = 6,
 ) -> bytes:
     """Build a message; ``options`` is already-encoded TLVs (without the end option)."""
-    head = HEADER.pack(op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr, siaddr,
-                       giaddr, chaddr, sname, file)
-    out = head + MAGIC_COOKIE + options + b"\xff"
+    return _finish(_HEADER_COOKIE.pack(op, htype, hlen, hops, xid, secs, flags, ciaddr,
+                                       yiaddr, siaddr, giaddr, chaddr, sname, file,
+                                       MAGIC_COOKIE), options)
+
+
+def encode_reply(xid: int, flags: int, ciaddr: int, yiaddr: int, siaddr: int, giaddr: int,
+                 chaddr: bytes, options: bytes, file: bytes = b"") -> bytes:
+    """A BOOTREPLY (Ethernet, hops 0, no sname): the bytes of ``encode(op=2, ...)`` with
+    positional arguments, for the reply path of every packet."""
+    return _finish(_HEADER_COOKIE.pack(2, 1, 6, 0, xid, 0, flags, ciaddr, yiaddr, siaddr,
+                                       giaddr, chaddr, b"", file, MAGIC_COOKIE), options)
+
+
+def _finish(head: bytes, options: bytes) -> bytes:
+    out = head + options + b"\xff"
     if len(out) < MIN_REPLY_LEN:
-        out += b"\x00" * (MIN_REPLY_LEN - len(out))
+        out += bytes(MIN_REPLY_LEN - len(out))
     return out
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import struct
 
-from appliance.dhcp.codec import BROADCAST_FLAG, MIN_REPLY_LEN, DhcpPacket, encode_option
+from appliance.dhcp.codec import BROADCAST_FLAG, DhcpPacket, encode_option, encode_reply
 from appliance.dhcp.leases import SubnetInfo
 from appliance.dhcp.options import (
     BOOTFILE_NAME,
-    BOOTREPLY,
     BROADCAST_ADDRESS,
     CLIENT_ID,
     CLIENT_MACHINE_ID,
@@ -17,7 +16,6 @@ from appliance.dhcp.options import (
     DOMAIN_NAME,
     HOSTNAME,
     LEASE_TIME,
-    MAGIC_COOKIE,
     MESSAGE,
     MESSAGE_TYPE,
     NAK,
@@ -41,8 +39,6 @@ _MT = {mt: bytes((MESSAGE_TYPE, 1, mt)) for mt in range(1, 9)}
 #: PXE vendor options (43): discovery control = use the boot file in this packet.
 PXE_VENDOR_OPTIONS = bytes((PXE_DISCOVERY_CONTROL, 1, PXE_USE_BOOTFILE, 255))
 _I = struct.Struct("!I")
-#: A reply's fixed header (op .. file) and the magic cookie: what ``codec.encode`` writes.
-_REPLY_HEAD = struct.Struct("!BBBBIHHIIII16s64s128s4s")
 _SERVER_ID_OPTS: dict[int, bytes] = {}  # server id -> encoded option 54
 
 
@@ -134,11 +130,8 @@ def finish(pkt: DhcpPacket, msg_type: int, opts: bytes, yiaddr: int, siaddr: int
         ciaddr = 0
         if giaddr:
             flags |= BROADCAST_FLAG
-    out = _REPLY_HEAD.pack(BOOTREPLY, 1, 6, 0, pkt.xid, 0, flags, ciaddr, yiaddr, siaddr,
-                           giaddr, pkt.chaddr, b"", file, MAGIC_COOKIE) + opts + b"\xff"
-    if len(out) < MIN_REPLY_LEN:
-        out += bytes(MIN_REPLY_LEN - len(out))
-    return out
+    return encode_reply(pkt.xid, flags, ciaddr, yiaddr, siaddr, giaddr, pkt.chaddr, opts,
+                        file)
 
 
 def route(pkt: DhcpPacket, rx: Incoming, msg_type: int, yiaddr: int, payload: bytes,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import select
 
 from appliance.db import Database
 from appliance.dhcp.codec import int_to_ip, ip_to_int
@@ -158,18 +158,7 @@ _WAL_PRAGMA = f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}"
 def tune_connections(db: Database) -> None:
     """Set the DHCP part's SQLite checkpoint interval on every connection it opens
     (its lease writes and its housekeeping share the WAL; either may checkpoint)."""
-    if db.engine.dialect.name != "sqlite":
-        return
-
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        try:
-            cur.execute(_WAL_PRAGMA)
-        finally:
-            cur.close()
-
-    if not event.contains(db.engine, "connect", _on_connect):
-        event.listen(db.engine, "connect", _on_connect)
+    db.add_sqlite_pragma(_WAL_PRAGMA)
 
 
 class LeaseWriter:
@@ -191,13 +180,7 @@ class LeaseWriter:
         if not rows:
             return
         if self._conn is None:
-            conn = self.db.engine.raw_connection()
-            cur = conn.cursor()
-            try:
-                cur.execute(_WAL_PRAGMA)  # also when the pool had it before tune_connections
-            finally:
-                cur.close()
-            self._conn = conn
+            self._conn = self.db.engine.raw_connection()
         conn = self._conn
         try:
             cur = conn.cursor()
