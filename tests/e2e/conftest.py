@@ -94,3 +94,14 @@ def accel(discovery_images, tmp_path_factory, pytestconfig) -> vm.Accel:  # type
     chosen = vm.choose_accel(discovery_images, tmp_path_factory.mktemp("accel-probe"))
     say(pytestconfig, chosen.banner())
     return chosen
+
+
+@pytest.fixture
+def bootnet(vm_host, discovery_images, namespace, tmp_path):  # type: ignore[no-untyped-def]
+    """The isolated boot network with the appliance serving the discovery image on it."""
+    from tests.e2e.bootnet import serving
+
+    images = {f"discovery/{name}": discovery_images / name
+              for name in ("vmlinuz", "initrd.img")}
+    with serving(namespace, tmp_path, images) as net:
+        yield net

@@ -36,7 +36,7 @@ import pytest
 from tests import netns
 from tests.conftest import ApplianceProcess
 from tests.e2e import vm
-from tests.e2e.bootnet import BRIDGE, BootNet, serving
+from tests.e2e.bootnet import BRIDGE
 from tests.e2e.conftest import say
 from tests.e2e.qemu_bmc import qmp
 
@@ -350,14 +350,6 @@ def test_qemu_bmc_ipmitool_and_pyghmi(request, vm_host, accel, namespace,  # typ
 
 
 # -- (b) appliance boot + power -> network boot ----------------------------------------
-
-
-@pytest.fixture
-def bootnet(vm_host, discovery_images, namespace, tmp_path) -> Iterator[BootNet]:  # type: ignore[no-untyped-def]
-    images = {f"discovery/{name}": discovery_images / name
-              for name in ("vmlinuz", "initrd.img")}
-    with serving(namespace, tmp_path, images) as net:
-        yield net
 
 
 def _cli_json(app: ApplianceProcess, *args: str) -> Any:

@@ -23,29 +23,19 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ApplianceProcess
 from tests.e2e import vm
-from tests.e2e.bootnet import BRIDGE, HTTP_PORT, SERVER, BootNet, serving
+from tests.e2e.bootnet import BRIDGE, HTTP_PORT, SERVER, BootNet
 from tests.e2e.conftest import say
 
 #: Seconds from QEMU start to the check-in. TCG measured here: BIOS 55-100 s, UEFI
 #: 40-65 s (each iPXE DHCP waits ~15 s for an IPv6 router advertisement that never
 #: comes); generous because CI machines are noisy.
 BOOT_TIMEOUT = float(os.environ.get("APPLIANCE_E2E_BOOT_TIMEOUT", "300"))
-
-
-@pytest.fixture
-def bootnet(vm_host, discovery_images, namespace, tmp_path) -> Iterator[BootNet]:  # type: ignore[no-untyped-def]
-    """The isolated boot network with the appliance serving on it."""
-    images = {f"discovery/{name}": discovery_images / name
-              for name in ("vmlinuz", "initrd.img")}
-    with serving(namespace, tmp_path, images) as net:
-        yield net
 
 
 def _cli_json(app: ApplianceProcess, *args: str) -> list[dict]:
