@@ -19,6 +19,7 @@ Lessons from the field (Digital Rebar's IPMI plugin, Ironic, MAAS) honoured here
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from typing import Any
 
@@ -69,6 +70,33 @@ COMPLETION_CODES = {
 }
 
 
+_pyghmi_patched = False
+_pyghmi_patch_lock = threading.Lock()
+
+
+def _one_pyghmi_session_lock() -> None:
+    """Make pyghmi's two session-table locks one lock, before any session exists.
+
+    pyghmi 1.6.19 takes its ``WAITING_SESSIONS`` and ``KEEPALIVE_SESSIONS`` locks in
+    both orders: ``wait_for_rsp`` holds the first while it runs an expired session's
+    ``_timedout`` (which re-logs in through ``send_payload`` and takes the second), and
+    ``send_payload`` holds the second while ``_xmit_packet`` takes the first. With
+    calls to several BMCs from several threads, a login that times out at the moment
+    another thread sends deadlocks both, and then every later IPMI call of the process
+    waits forever. Seen here with a dead and a lossy BMC among healthy ones (every call
+    timed out afterwards). One re-entrant lock cannot be taken in two orders. pyghmi's
+    I/O thread takes neither lock, so waits inside a held lock still finish.
+    """
+    global _pyghmi_patched
+    with _pyghmi_patch_lock:
+        if _pyghmi_patched:
+            return
+        from pyghmi.ipmi.private import session
+
+        session.WAITING_SESSIONS = session.KEEPALIVE_SESSIONS
+        _pyghmi_patched = True
+
+
 def _classify(message: str) -> str:
     lowered = message.lower()
     if any(w in lowered for w in ("password", "unauthorized", "privilege", "rakp",
@@ -96,6 +124,7 @@ class IpmiDriver(PowerDriver):
         from pyghmi import exceptions as pyghmi_exc
         from pyghmi.ipmi import command
 
+        _one_pyghmi_session_lock()
         self._forget_stale_session()
         try:
             self._command = command.Command(

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -41,6 +42,12 @@ CLAIM_INTERVAL = 0.2
 HEARTBEAT_INTERVAL = 2.0
 #: How long (x call_timeout) a machine stays busy waiting for an abandoned attempt.
 STRAGGLER_WAIT_FACTOR = 3
+#: An abandoned attempt still running this long (x call_timeout) is stuck for good:
+#: the BMC library is wedged (see ``ipmi._one_pyghmi_session_lock``), so the part exits
+#: and the daemon starts a fresh one rather than let every later call time out.
+WEDGED_FACTOR = 10
+#: Exit status of a power part that gave up on a wedged BMC library.
+EXIT_WEDGED = 3
 POLLER = "poller"
 #: Power state after a successful action, until the next poll says otherwise.
 STATE_AFTER = {"on": "on", "off": "off", "cycle": "on", "reset": "on"}
@@ -57,6 +64,10 @@ def _describe(operation: str, args: dict[str, Any]) -> str:
     return operation
 
 
+class PowerPartWedged(RuntimeError):
+    """Calls stuck inside the BMC library: only a new process can recover."""
+
+
 class PowerWorker:
     def __init__(self, config: Config, db: Database) -> None:
         self.config = config
@@ -71,6 +82,9 @@ class PowerWorker:
         self.futures: set[Future[None]] = set()
         #: Set when a call ends, so the loop claims the next request at once.
         self.wake = threading.Event()
+        #: Abandoned attempts that outlived the straggler wait, with when they were
+        #: given up on; checked by :meth:`wedged_for`.
+        self.stuck: list[tuple[threading.Thread, float]] = []
 
     # -- startup --------------------------------------------------------------------
 
@@ -142,6 +156,17 @@ class PowerWorker:
             log.warning("machine %d: a BMC call abandoned at its deadline is still running "
                         "after %g s more; releasing the machine anyway", machine_id,
                         STRAGGLER_WAIT_FACTOR * self.policy.timeout)
+            since = time.monotonic() - STRAGGLER_WAIT_FACTOR * self.policy.timeout
+            with self.lock:
+                self.stuck.extend((thread, since) for thread in outcome.stragglers)
+
+    def wedged_for(self, now: float) -> float:
+        """Seconds the oldest still-running abandoned attempt has been stuck past its
+        deadline (0 if none): past ``WEDGED_FACTOR`` x call_timeout, no BMC answer can
+        explain it."""
+        with self.lock:
+            self.stuck = [(t, since) for t, since in self.stuck if t.is_alive()]
+            return max((now - since for _, since in self.stuck), default=0.0)
 
     def _release(self, machine_id: int) -> None:
         with self.lock:
@@ -321,6 +346,14 @@ class PowerWorker:
                                                         "in_flight": self.in_flight()})
                 self.claim_and_submit()
                 self.poll_due(time.monotonic())
+                stuck = self.wedged_for(time.monotonic())
+                if stuck > WEDGED_FACTOR * self.policy.timeout:
+                    raise PowerPartWedged(
+                        f"a BMC call has been stuck for {stuck:.0f} s past its deadline "
+                        "(the IPMI library is wedged); exiting so the daemon starts a "
+                        "fresh power part")
+            except PowerPartWedged:
+                raise
             except Exception:  # noqa: BLE001 - a database hiccup is retried next round
                 log.exception("power loop")
             self.wake.wait(CLAIM_INTERVAL)
@@ -362,6 +395,12 @@ def run(config: Config, db: Database, stop: threading.Event | None = None) -> No
     with stop_on_signals(stop, "power", log):
         try:
             worker.serve(stop)
+        except PowerPartWedged as exc:
+            log.error("power: %s", exc)
+            # Stuck threads would keep the process alive: end it now. Requests it was
+            # running are failed as "outcome unknown" by the next part's recover().
+            logging.shutdown()
+            os._exit(EXIT_WEDGED)
         finally:
             worker.close()
             log.info("power stopped")

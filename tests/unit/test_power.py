@@ -20,6 +20,7 @@ from appliance.db import Database
 from appliance.inventory import add_machine, as_dict
 from appliance.models import Event, Machine, PowerRequest
 from appliance.power import calls, control
+from appliance.power import worker as power_worker
 from appliance.power.driver import (
     AUTH,
     PROTOCOL,
@@ -32,7 +33,7 @@ from appliance.power.driver import (
     PowerDriver,
 )
 from appliance.power.ipmi import IpmiDriver
-from appliance.power.worker import PowerWorker
+from appliance.power.worker import PowerPartWedged, PowerWorker
 
 pytestmark = pytest.mark.unit
 
@@ -56,6 +57,9 @@ class FakeDriver(PowerDriver):
             raise step
         if isinstance(step, tuple) and step[0] == "sleep":
             time.sleep(step[1])
+            return "on"
+        if isinstance(step, tuple) and step[0] == "hang":  # until the test lets go
+            step[1].wait()
             return "on"
         return step
 
@@ -585,3 +589,79 @@ def test_api_treats_ipv4_mapped_loopback_as_loopback(power_env) -> None:
     r = client.get("/api/v1/power-requests/1", environ_base={"REMOTE_ADDR": "::ffff:10.0.0.7"},
                    headers={"X-Forwarded-For": "127.0.0.1"})
     assert r.status_code == 403
+
+
+def test_pyghmi_session_table_locks_are_one_lock() -> None:
+    """pyghmi takes its two session-table locks in both orders (a lock-order deadlock
+    that wedged every later IPMI call of the process); the driver makes them one."""
+    from pyghmi.ipmi.private import session
+
+    from appliance.power import ipmi
+
+    ipmi._one_pyghmi_session_lock()
+    assert session.WAITING_SESSIONS is session.KEEPALIVE_SESSIONS
+
+
+def test_a_call_stuck_in_the_library_ends_the_part_for_a_fresh_one(
+        power_env, fake_driver, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, db = power_env
+    config.power.call_timeout = 0.2
+    config.power.attempts = 1
+    monkeypatch.setattr(power_worker, "WEDGED_FACTOR", 5)
+    stuck = _machine_with_bmc(config, db, "52:54:00:00:09:01", "192.0.2.91")
+    fine = _machine_with_bmc(config, db, "52:54:00:00:09:02", "192.0.2.92")
+    release = threading.Event()
+    fake_driver.script["192.0.2.91"] = [("hang", release)]
+    with db.session() as session:
+        for machine_id in (stuck, fine):
+            control.request(session, session.get(Machine, machine_id), "status", {}, "test")
+    worker = PowerWorker(config, db)
+    stop = threading.Event()
+    raised: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            worker.serve(stop)
+        except PowerPartWedged as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    try:
+        thread.join(10)
+        assert not thread.is_alive(), "the loop kept running with a call stuck for good"
+        took = time.monotonic() - started
+        # the deadline (0.2 s) + the wedge limit past it (5 x 0.2 s), within a round
+        assert 1.2 <= took < 4.0, took
+        assert raised and "stuck for" in str(raised[0])
+        with db.session() as session:
+            states = {r.machine_id: r.state for r in session.query(PowerRequest)}
+        assert states == {stuck: "failed", fine: "succeeded"}
+    finally:
+        stop.set()
+        release.set()
+        worker.close()
+
+
+def test_a_slow_call_that_ends_is_not_taken_for_a_wedge(
+        power_env, fake_driver, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, db = power_env
+    config.power.call_timeout = 0.2
+    config.power.attempts = 1
+    monkeypatch.setattr(power_worker, "WEDGED_FACTOR", 5)
+    machine_id = _machine_with_bmc(config, db, "52:54:00:00:09:03", "192.0.2.93")
+    fake_driver.script["192.0.2.93"] = [("sleep", 1.0)]  # past the straggler wait
+    with db.session() as session:
+        control.request(session, session.get(Machine, machine_id), "status", {}, "test")
+    worker = PowerWorker(config, db)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.serve, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(2.5)  # the wedge limit would have passed had the call not ended
+        assert thread.is_alive() and worker.wedged_for(time.monotonic()) == 0.0
+    finally:
+        stop.set()
+        thread.join(5)
+        worker.close()
