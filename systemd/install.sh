@@ -8,7 +8,8 @@ src=$(cd "$(dirname "$0")/.." && pwd)
 if [ "$(id -u)" != 0 ]; then echo "install.sh: run as root (sudo)" >&2; exit 2; fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-apt-get install -y -q --no-install-recommends python3 python3-venv python3-pip ipxe
+apt-get install -y -q --no-install-recommends python3 python3-venv python3-pip ipxe \
+    openssh-client
 [ -x /opt/appliance/bin/python ] || python3 -m venv /opt/appliance
 /opt/appliance/bin/pip install -q --upgrade pip
 /opt/appliance/bin/pip install -q "$src"

@@ -22,6 +22,7 @@ packages=(
   cloud-init debconf grub-common                               # answer-file validators
   xorriso util-linux                                           # ISO import tests, logger
   openipmi ipmitool openssl                                    # BMC simulator, client, certs
+  openssh-server openssh-client                                # SSH contract check and peer
 )
 export DEBIAN_FRONTEND=noninteractive
 # Packages with services (tftpd-hpa, kea, postgresql) must not start them on the host:
@@ -35,6 +36,11 @@ fi
 # it must never configure this host (a host that already runs cloud-init is left alone).
 if ! dpkg -s cloud-init >/dev/null 2>&1; then
   mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled
+fi
+# openssh-server is installed only for its sshd binary (the contract tests run their own
+# sshd inside namespaces): where this command installs it, it must never serve this host.
+if ! dpkg -s openssh-server >/dev/null 2>&1; then
+  mkdir -p /etc/ssh && touch /etc/ssh/sshd_not_to_be_run
 fi
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${packages[@]}"

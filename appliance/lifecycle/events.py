@@ -1,4 +1,4 @@
-"""Machine lifecycle: registration of machines as they are seen, and their events."""
+"""Machine registration as machines are seen, and event rows."""
 
 from __future__ import annotations
 
