@@ -105,8 +105,8 @@ def cmd_machines(args: argparse.Namespace, config: Config) -> int:
     db = Database(config.effective_database_url)
     with db.session() as session:
         rows = [inventory.as_dict(m) for m in inventory.list_machines(session)]
-    _print(args, rows, ["mac", "hostname", "state", "bootenv", "power_state", "arch", "seen_on",
-                        "last_seen_at"])
+    _print(args, rows, ["mac", "hostname", "state", "phase", "bootenv", "power_state", "arch",
+                        "seen_on", "last_seen_at"])
     return 0
 
 
@@ -317,9 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command("serve", cmd_serve, "run the daemon: DHCP, TFTP, HTTP, syslog and power")
+    p = command("serve", cmd_serve, "run the daemon: DHCP, TFTP, HTTP, syslog, power and "
+                "lifecycle")
     p.add_argument("--only", action="append", metavar="PART",
-                   help="run only this part (dhcp, tftp, http, syslog, power); repeatable")
+                   help="run only this part (dhcp, tftp, http, syslog, power, lifecycle); "
+                   "repeatable")
     p = sub.add_parser("run-part")  # internal: one part, started by `serve`
     p.set_defaults(func=cmd_run_part)
     p.add_argument("part")
@@ -382,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     power_commands.register_bmc(msub)
     power_commands.register(sub)
+    from appliance.lifecycle import commands as lifecycle_commands
+
+    lifecycle_commands.register(sub, _param_options)
 
     p = command("profile", cmd_profile, "named sets of params; 'global' applies to all")
     psub = p.add_subparsers(dest="action", required=True)

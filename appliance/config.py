@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,33 @@ class PowerConfig:
 
 
 @dataclass
+class LifecycleConfig:
+    """Deployments (``appliance/lifecycle``): phase time limits, the metadata service and
+    the post-provision contract check. A phase that outlives its limit fails the machine
+    with the reason; 0 means no limit."""
+
+    enabled: bool = True
+    #: Seconds for the BMC to take the reimage's boot-device and power-cycle requests.
+    power_timeout: int = 600
+    #: Seconds from power-on to the machine fetching its boot script (POST + PXE).
+    boot_timeout: int = 1800
+    #: Seconds for the installer or the deploy image to report the install done.
+    installer_timeout: int = 7200
+    #: Seconds from install done to the installed OS phoning home (reboot + cloud-init).
+    first_boot_timeout: int = 1800
+    #: Seconds for the appliance's own SSH contract check to pass (it retries within).
+    contract_timeout: int = 600
+    #: User the contract check asks the machine's SSH server about (operator's keys).
+    contract_user: str = "root"
+    #: SSH port of installed machines.
+    contract_ssh_port: int = 22
+    #: Seconds an IMDSv2 session token may live at most (EC2 allows up to 21600).
+    imds_token_max_ttl: int = 21600
+    #: Refuse EC2 metadata requests without an IMDSv2 token (IMDSv1 off).
+    imds_require_token: bool = False
+
+
+@dataclass
 class BootConfig:
     #: Directory of boot environment definitions (``*.yaml``); empty: the shipped ones.
     bootenvs_dir: str = ""
@@ -137,6 +165,7 @@ class Config:
     boot: BootConfig = field(default_factory=BootConfig)
     syslog: SyslogConfig = field(default_factory=SyslogConfig)
     power: PowerConfig = field(default_factory=PowerConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
 
     @property
     def effective_database_url(self) -> str:
@@ -182,6 +211,19 @@ class Config:
                               "and power.backoff not negative")
         if self.power.poll_interval < 0:
             raise ConfigError("power.poll_interval: must be 0 (off) or more seconds")
+        lc = self.lifecycle
+        for name in ("power_timeout", "boot_timeout", "installer_timeout",
+                     "first_boot_timeout", "contract_timeout"):
+            if getattr(lc, name) < 0:
+                raise ConfigError(f"lifecycle.{name}: must be 0 (no limit) or more seconds")
+        if not 0 < lc.contract_ssh_port < 65536:
+            raise ConfigError(f"lifecycle.contract_ssh_port: {lc.contract_ssh_port} is not a "
+                              "valid port")
+        if not re.fullmatch(r"[a-z_][a-z0-9_.-]{0,31}", lc.contract_user):
+            raise ConfigError(f"lifecycle.contract_user: {lc.contract_user!r} is not a user "
+                              "name")
+        if not 1 <= lc.imds_token_max_ttl <= 21600:
+            raise ConfigError("lifecycle.imds_token_max_ttl: must be between 1 and 21600")
         if self.syslog.max_unmatched_lines < 0:
             raise ConfigError("syslog.max_unmatched_lines: must be 0 or more")
 

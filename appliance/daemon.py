@@ -20,7 +20,7 @@ from appliance.config import Config
 
 log = logging.getLogger("appliance.daemon")
 
-PARTS = ("dhcp", "tftp", "http", "syslog", "power")
+PARTS = ("dhcp", "tftp", "http", "syslog", "power", "lifecycle")
 #: Restart delays grow from MIN to MAX; a part that stayed up STABLE seconds starts over.
 RESTART_DELAY_MIN = 1.0
 RESTART_DELAY_MAX = 30.0
@@ -125,7 +125,7 @@ def serve(config: Config, config_path: str | None, only: list[str] | None = None
 
     names = enabled_parts(config, only)
     if not names:
-        log.error("no part is enabled (dhcp, tftp, http, syslog and power are all disabled)")
+        log.error("no part is enabled (every part is disabled in the configuration)")
         return 2
     db = Database(config.effective_database_url)
     db.migrate()
@@ -169,6 +169,10 @@ def run_part(name: str, config: Config) -> int:
         from appliance.power.worker import run as run_power
 
         run_power(config, db)
+    elif name == "lifecycle":
+        from appliance.lifecycle.worker import run as run_lifecycle
+
+        run_lifecycle(config, db)
     else:
         raise ValueError(f"unknown part {name!r}")
     return 0

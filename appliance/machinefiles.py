@@ -14,6 +14,9 @@ contract every template may rely on):
   log lines, text or cloud-init/subiquity webhook JSON) are below it too
 - ``seed_url``: the installed OS's cloud-init NoCloud seed, ``appliance_url/nocloud/<seed
   token>/`` (ends with a slash)
+- ``phone_home_url``: where the installed OS's cloud-init ``phone_home`` posts (form
+  fields instance_id, hostname, fqdn, pub_key_*) that it is up,
+  ``appliance_url/phone-home/<seed token>``; "" without a seed token
 - ``syslog_host`` and ``syslog_port``: where installers send remote syslog
 """
 
@@ -128,6 +131,8 @@ def render_context(config: Config, session: Session, bootenv: Bootenv, machine: 
         "done_url": f"{install_url}/done" if install_url else "",
         "log_url": f"{install_url}/log" if install_url else "",
         "seed_url": f"{base}/nocloud/{machine.seed_token}/" if machine.seed_token else "",
+        "phone_home_url": f"{base}/phone-home/{machine.seed_token}"
+        if machine.seed_token else "",
         "syslog_host": target.server,
         "syslog_port": config.syslog.port,
         # Shorthands the boot templates have always had.
@@ -235,6 +240,68 @@ def machine_by_install_token(session: Session, token: str) -> Machine | None:
     if not token or len(token) > 64:
         return None
     return session.scalar(select(Machine).where(Machine.install_token == token))
+
+
+def machine_by_seed_token(session: Session, token: str) -> Machine | None:
+    """The machine whose current deployment's seed (and phone-home) URL carries ``token``."""
+    if not token or len(token) > 64:
+        return None
+    return session.scalar(select(Machine).where(Machine.seed_token == token))
+
+
+def machine_by_address(session: Session, address: str) -> Machine | None:
+    """The machine ``address`` belongs to now: the holder of its current (bound,
+    unexpired) lease, else the machine it is reserved for.
+
+    A reserved address does not name its machine while that machine holds a current
+    lease on another address: then whoever uses the reserved address is someone else.
+    """
+    if not address:
+        return None
+    lease = session.scalar(
+        select(Lease).where(Lease.ip == address, Lease.state == "bound",
+                            Lease.expires_at > utcnow()).limit(1))
+    if lease is not None:
+        return session.scalar(select(Machine).where(Machine.mac == lease.mac))
+    reservation = session.scalar(select(Reservation).where(Reservation.ip == address))
+    if reservation is None:
+        return None
+    machine = session.scalar(select(Machine).where(Machine.mac == reservation.mac))
+    if machine is None or _address(session, machine, reservation) != address:
+        return None
+    return machine
+
+
+#: The installed OS's cloud-config (NoCloud seed and EC2 user-data), for every bootenv.
+SEED_USER_DATA_TEMPLATE = "cloud-init/user-data.j2"
+
+
+def deployment_bootenv(catalog: Catalog, machine: Machine) -> Bootenv:
+    """The bootenv the machine's current deployment installed. Its params are the
+    installed OS's (after the install the machine's own bootenv is ``local``)."""
+    name = (machine.deployment or {}).get("bootenv") or machine.bootenv
+    bootenv = catalog.bootenvs.get(name)
+    if bootenv is None:
+        refused = catalog.refusal(name)
+        why = f" (refused: {refused})" if refused else ""
+        raise RenderError("bootenv", machine.mac,
+                          f"the deployment's boot environment {name!r} is no longer "
+                          f"defined{why}")
+    return bootenv
+
+
+def deployment_context(config: Config, session: Session, catalog: Catalog, machine: Machine,
+                       target: BootTarget) -> dict[str, Any]:
+    """The render context (module docstring) of the machine's current deployment."""
+    return render_context(config, session, deployment_bootenv(catalog, machine), machine,
+                          target)
+
+
+def render_seed_user_data(config: Config, session: Session, catalog: Catalog,
+                          machine: Machine, target: BootTarget) -> str:
+    """The cloud-config the installed OS reads from its NoCloud seed or EC2 metadata."""
+    context = deployment_context(config, session, catalog, machine, target)
+    return catalog.renderer.render(SEED_USER_DATA_TEMPLATE, machine.mac, context)
 
 
 def appliance_url_for(config: Config, session: Session, machine: Machine) -> str:

@@ -110,8 +110,29 @@ class Machine(Base):
     #: One-time credential of the current install: in the answer-file, log and
     #: install-finished URLs. A new one per install; cleared when the install is over.
     install_token: Mapped[str | None] = mapped_column(String(64), unique=True)
-    #: Per-machine token of the installed OS's cloud-init NoCloud seed URL.
+    #: Per-machine token of the installed OS's cloud-init NoCloud seed URL and of its
+    #: phone-home URL; a new one per deployment (``appliance/lifecycle``).
     seed_token: Mapped[str | None] = mapped_column(String(64), unique=True)
+
+    #: Lifecycle (``appliance/lifecycle/states.py``). Every transition bumps
+    #: ``state_serial`` with a conditional UPDATE, so of two concurrent ones only one wins.
+    state_serial: Mapped[int] = mapped_column(Integer, default=0)
+    #: Step within the state: provisioning ``power``/``boot``; installing ``installer``/
+    #: ``first-boot``/``contract``; else none.
+    phase: Mapped[str | None] = mapped_column(String(32))
+    phase_started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    #: When the phase times out and the machine goes to ``failed`` (none: no limit).
+    phase_deadline: Mapped[dt.datetime | None] = mapped_column(DateTime, index=True)
+    #: Why the machine is in its state (the reason of the last transition).
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    #: The current deployment: cloud-init's instance-id, new on every reimage.
+    instance_id: Mapped[str | None] = mapped_column(String(32), unique=True)
+    #: What the current deployment was asked for: bootenv, actor, reason, when.
+    deployment: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: SSH host public keys the installed OS phoned home (``{"ssh-ed25519": "..."}``).
+    ssh_host_keys: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    #: Outcome of the appliance's own post-provision contract check.
+    contract: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     #: BMC settings (``appliance/power``); no driver means no BMC: power by hand.
     bmc_driver: Mapped[str | None] = mapped_column(String(16))
@@ -163,6 +184,9 @@ class PowerRequest(Base):
     )
     #: status | power | boot | get-boot | identify | validate (``power/calls.py``)
     operation: Mapped[str] = mapped_column(String(16))
+    #: Why the request exists when not asked by hand: ``reimage`` (the lifecycle waits
+    #: for it, and a failure fails the deployment).
+    purpose: Mapped[str | None] = mapped_column(String(32))
     args: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     actor: Mapped[str] = mapped_column(String(64))
     #: queued | running | succeeded | failed | cancelled

@@ -1,5 +1,6 @@
 """Secrets at rest (BMC passwords): Fernet (AES-128-CBC + HMAC-SHA256) with a key kept
-in the state directory, outside the database.
+in the state directory, outside the database. Keys for other purposes (the metadata
+service's IMDSv2 session tokens) are derived from the same key file with a label each.
 
 A copy of the database alone (a backup, a PostgreSQL server shared by several
 appliances' operators) does not reveal the passwords; the key file does, so it is
@@ -9,6 +10,8 @@ the first secret is stored by ``root`` running the CLI.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from pathlib import Path
 
@@ -60,6 +63,12 @@ def _load_or_create_key(state_dir: str | Path) -> bytes:
     finally:
         tmp.unlink(missing_ok=True)
     return key
+
+
+def derived_key(state_dir: str | Path, label: bytes) -> bytes:
+    """HMAC-SHA256(key file, ``label``): a key of its own per purpose, so a value signed
+    for one purpose is worthless for another. Creates the key file when missing."""
+    return hmac.new(_load_or_create_key(state_dir), label, hashlib.sha256).digest()
 
 
 def encrypt(state_dir: str | Path, plaintext: str) -> str:

@@ -29,6 +29,8 @@ from sqlalchemy.orm import object_session
 from appliance.config import Config
 from appliance.db import Database, publish_counters
 from appliance.lifecycle import record_event
+from appliance.lifecycle.operations import power_request_ended
+from appliance.lifecycle.states import LifecycleError
 from appliance.models import Machine, PowerRequest, utcnow
 from appliance.power.calls import CallOutcome, CallPolicy, run_call, wait_for_stragglers
 from appliance.power.control import PowerError, bmc_access, machine_label, persistence
@@ -241,6 +243,12 @@ class PowerWorker:
                 self._cancel_later(session, machine, request_id, what)
                 log.warning("%s %s (by %s) failed: %s", machine_label(machine), what, actor,
                             outcome.error)
+            session.flush()
+            try:  # a reimage waits for its requests; a lost race must not undo this outcome
+                with session.begin_nested():
+                    power_request_ended(self.config, session, req)
+            except LifecycleError as exc:
+                log.warning("%s: %s", machine_label(machine), exc)
 
     @staticmethod
     def _cancel_later(session: Any, machine: Machine, request_id: int, what: str) -> None:

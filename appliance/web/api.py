@@ -1,9 +1,11 @@
-"""JSON API under ``/api/v1/``: power and boot control (issue 6 adds the rest).
+"""JSON API under ``/api/v1/``: machines' lifecycle, power and boot control (issue 6 adds
+the rest).
 
 Until API users and tokens exist, the API answers only clients whose address is in
 ``[http] api_networks`` (default: loopback), because it can power machines off. Errors
 are JSON ``{"error": message}`` naming the bad field. Every call goes through the same
-functions as the CLI (:mod:`appliance.power.control`).
+functions as the CLI (:mod:`appliance.power.control`, :mod:`appliance.lifecycle.operations`).
+A lifecycle step the machine cannot take now is 409 with the reason.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from appliance.inventory import as_dict
+from appliance.lifecycle import operations
+from appliance.lifecycle.states import LifecycleError
 from appliance.models import Machine, PowerRequest
 from appliance.power import control
 from appliance.profiles import ProfileError, find_machine
@@ -31,6 +35,11 @@ class ApiError(Exception):
 @api.errorhandler(ApiError)
 def _api_error(exc: ApiError) -> tuple[Response, int]:
     return jsonify(error=str(exc)), exc.status
+
+
+@api.errorhandler(LifecycleError)
+def _lifecycle_error(exc: LifecycleError) -> tuple[Response, int]:
+    return jsonify(error=str(exc)), 409
 
 
 @api.errorhandler(control.PowerError)
@@ -166,3 +175,69 @@ def get_power_request(request_id: int) -> Response:
         if req is None:
             raise ApiError(404, f"power request {request_id} does not exist")
         return jsonify(as_dict(req))
+
+
+def _lifecycle_view(machine: Machine) -> dict[str, Any]:
+    return {"machine": machine.mac, "hostname": machine.hostname, "state": machine.state,
+            "phase": machine.phase, "reason": machine.state_reason,
+            "phase_deadline": machine.phase_deadline.isoformat()
+            if machine.phase_deadline else None,
+            "instance_id": machine.instance_id, "deployment": machine.deployment,
+            "contract": machine.contract}
+
+
+@api.get("/machines/<ident>/lifecycle")
+def get_lifecycle(ident: str) -> Response:
+    with state().db.session() as session:
+        return jsonify(_lifecycle_view(_machine(session, ident)))
+
+
+@api.post("/machines/<ident>/reimage")
+def post_reimage(ident: str) -> tuple[Response, int]:
+    """Body: ``bootenv`` (required), ``params`` (object), ``profiles`` (list), ``reason``."""
+    from appliance.profiles import check_values
+
+    body = _body()
+    unknown = sorted(set(body) - {"bootenv", "params", "profiles", "reason"})
+    if unknown:
+        raise ApiError(400, f"{unknown[0]}: unknown field")
+    bootenv = _field(body, "bootenv", str)
+    values = _field(body, "params", dict, required=False) or {}
+    profiles = _field(body, "profiles", list, required=False)
+    if profiles is not None and not all(isinstance(p, str) for p in profiles):
+        raise ApiError(400, "profiles: expected a list of profile names")
+    st = state()
+    try:
+        check_values(st.catalog, values, "params")
+    except ProfileError as exc:
+        raise ApiError(400, str(exc)) from None
+    with st.db.session() as session:
+        machine = _machine(session, ident)
+        deployment = operations.reimage(
+            st.config, session, st.catalog, machine, bootenv, actor=_actor(), values=values,
+            profiles=profiles, reason=_field(body, "reason", str, required=False) or "")
+        return jsonify({**_lifecycle_view(machine), "deployment": deployment}), \
+            200 if deployment.get("unchanged") else 202
+
+
+@api.post("/machines/<ident>/accept")
+def post_accept(ident: str) -> Response:
+    st = state()
+    with st.db.session() as session:
+        machine = _machine(session, ident)
+        operations.accept(st.config, session, machine, _actor())
+        return jsonify(_lifecycle_view(machine))
+
+
+@api.post("/machines/<ident>/decommission")
+def post_decommission(ident: str) -> Response:
+    body = request.get_json(silent=True) or {}
+    if not isinstance(body, dict):
+        raise ApiError(400, "body: expected a JSON object")
+    st = state()
+    with st.db.session() as session:
+        machine = _machine(session, ident)
+        operations.decommission(st.config, session, machine, actor=_actor(),
+                                reason=str(body.get("reason") or ""),
+                                power_off=body.get("power_off", True) is not False)
+        return jsonify(_lifecycle_view(machine))

@@ -8,6 +8,7 @@ from pathlib import Path
 from flask import Blueprint, Response, abort, request
 
 from appliance.lifecycle import record_event, record_seen
+from appliance.lifecycle.operations import booted
 from appliance.mac import normalize_mac
 from appliance.machinefiles import BootTarget, render_boot_file
 from appliance.web import state
@@ -53,6 +54,7 @@ def _boot_file(mac: str, name: str, what: str) -> Response:
             record_event(session, machine, "http", "boot-script",
                          f"served {what} for bootenv {machine.bootenv}",
                          {"bootenv": machine.bootenv, "client": request.remote_addr})
+            booted(st.config, session, machine, request.remote_addr or "")
     return Response(body, mimetype="text/plain")
 
 

@@ -2,27 +2,28 @@
 
 Every URL carries the machine's one-time install token (from its kernel command line),
 never a guessable id. An unknown token gets 404 (and an event, at most one per client
-per minute), never another machine's data. The token stops working when the install
-reports done.
+per minute: ``appliance/web/unknown.py``), never another machine's data. The token stops
+working when the install reports done.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
 
 from flask import Blueprint, Response, request
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from appliance.installlogs import LogLine, record_install_lines, trim_install_logs
 from appliance.lifecycle import record_event
+from appliance.lifecycle.operations import install_done as lifecycle_install_done
 from appliance.machinefiles import machine_by_install_token, render_machine_file
 from appliance.models import Machine
 from appliance.render import RenderError
 from appliance.web import state
 from appliance.web.boot import current_target
+from appliance.web.unknown import unknown_request
 
 log = logging.getLogger("appliance.http")
 
@@ -34,28 +35,12 @@ MAX_LOG_BYTES = 8 * 1024 * 1024
 MAX_LOG_LINES = 10_000
 #: The bootenv machines boot once their install reported done.
 AFTER_INSTALL_BOOTENV = "local"
-#: Seconds between two unknown-token events for one client (the rest only 404).
-UNKNOWN_TOKEN_EVENT_INTERVAL = 60.0
-
-_unknown_seen: dict[str, float] = {}
-_unknown_lock = threading.Lock()
 
 
-def _unknown_token(session, what: str) -> Response:  # type: ignore[no-untyped-def]
-    client = request.remote_addr or ""
-    now = time.monotonic()
-    with _unknown_lock:
-        recent = now - _unknown_seen.get(client, -UNKNOWN_TOKEN_EVENT_INTERVAL) \
-            < UNKNOWN_TOKEN_EVENT_INTERVAL
-        if not recent:
-            if len(_unknown_seen) > 10_000:
-                _unknown_seen.clear()
-            _unknown_seen[client] = now
-    if not recent:
-        record_event(session, None, "http", "install-token-unknown",
-                     f"{what} with an unknown install token from {client}",
-                     {"client": client, "path": request.path[:200]})
-    return Response("unknown or expired install token\n", status=404, mimetype="text/plain")
+def _unknown_token(session: Session, what: str) -> Response:
+    return unknown_request(session, "install-token-unknown",
+                           f"{what} with an unknown install token",
+                           "unknown or expired install token\n")
 
 
 @install.get("/install/<token>/<name>")
@@ -151,4 +136,7 @@ def install_done(token: str) -> Response:
         record_event(session, machine, "machine", "install-finished",
                      f"{installed} install finished; next boot from local disk",
                      {"bootenv": installed, "client": request.remote_addr})
+        session.refresh(machine)
+        lifecycle_install_done(st.config, session, machine, installed,
+                               request.remote_addr or "")
     return Response("ok\n", mimetype="text/plain")

@@ -318,8 +318,8 @@ def test_install_endpoints(setup) -> None:  # type: ignore[no-untyped-def]
         machine = s.query(Machine).one()
         configure_machine(s, catalog, machine, bootenv="tiny")
         token = machine.install_token
-    from appliance.web import install as install_endpoints
-    install_endpoints._unknown_seen.clear()  # the per-client event rate limit
+    from appliance.web import unknown
+    unknown.reset()  # the per-client event rate limit
     app = create_app(config, db)
     client = app.test_client()
     base = "http://10.0.0.1:8080"
