@@ -394,3 +394,32 @@ def test_the_api_reimages_and_refuses_by_field(setup) -> None:  # noqa: F811
     r = client.post(f"/api/v1/machines/{MAC}/decommission",
                     environ_base={"REMOTE_ADDR": "10.0.0.9"})
     assert r.status_code == 403
+
+
+def test_install_token_is_dead_after_ready_and_the_seed_lives_on(setup) -> None:  # noqa: F811
+    from appliance.web import create_app
+
+    config, db, catalog = setup
+    _reimage(config, db, catalog)
+    client = create_app(config, db).test_client()
+    with db.session() as session:
+        machine = _machine(session)
+        operations.booted(config, session, machine, "x")
+        install, seed, iid = machine.install_token, machine.seed_token, machine.instance_id
+    assert client.get(f"/install/{install}/answer.cfg").status_code == 200
+    assert client.post(f"/install/{install}/done").status_code == 200
+    with db.session() as session:
+        assert _machine(session).phase == "first-boot"
+    r = client.post(f"/phone-home/{seed}", data={"instance_id": iid, "hostname": "m",
+                                                 "pub_key_ed25519": HOST_KEY})
+    assert r.status_code == 200, r.text
+    with db.session() as session:
+        operations.contract_passed(config, session, _machine(session), {})
+        assert _machine(session).state == "ready"
+    assert client.get(f"/install/{install}/answer.cfg").status_code == 404
+    assert client.post(f"/install/{install}/log", data="x").status_code == 404
+    assert client.post(f"/install/{install}/done").status_code == 404
+    assert client.get(f"/nocloud/{seed}/meta-data").status_code == 200  # lives on
+    r = client.post(f"/phone-home/{seed}", data={"instance_id": iid,
+                                                 "pub_key_ed25519": HOST_KEY})
+    assert r.status_code == 409  # once per deployment
