@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import require_root
 from tests.e2e import vm
+from tests.e2e.bmcvm import bmc_vm_factory  # noqa: F401 - a fixture for the tests
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "images" / "build-discovery.sh"
