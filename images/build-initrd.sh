@@ -18,7 +18,11 @@
 #                          (default: virtio_pci virtio_net e1000 e1000e)
 #   APPLIANCE_DISK_MODULES disk drivers, loaded in deploy mode only
 #                          (default: virtio_blk virtio_scsi sd_mod ahci nvme)
-#                          Dependencies of both lists are added from modules.dep; a
+#   APPLIANCE_FS_MODULES   file systems, loaded in deploy mode only: the deploy step
+#                          mounts the written OS's root to write its cloud-init
+#                          datasource config (default: crc32c_generic ext4 xfs;
+#                          crc32c_generic is what ext4's and xfs's checksums ask for)
+#                          Dependencies of the lists are added from modules.dep; a
 #                          module the kernel has built in is skipped.
 #   SOURCE_DATE_EPOCH      timestamp of every file in the initrd (default 0), so the
 #                          same inputs give a byte-identical initrd.img
@@ -46,6 +50,7 @@ fi
 CACHE=${APPLIANCE_BUILD_CACHE:-/var/cache/appliance-build}
 NET_MODULES=${APPLIANCE_DISCOVERY_MODULES:-virtio_pci virtio_net e1000 e1000e}
 DISK_MODULES=${APPLIANCE_DISK_MODULES:-virtio_blk virtio_scsi sd_mod ahci nvme}
+FS_MODULES=${APPLIANCE_FS_MODULES:-crc32c_generic ext4 xfs}
 SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0}
 INITRD_FILES=("$HERE/initrd/init" "$HERE/initrd/udhcpc.script")
 export SOURCE_DATE_EPOCH LC_ALL=C
@@ -150,7 +155,7 @@ log "zstd:    $(basename "$ZDEB") + $(echo "$LIB_PKGS" | tr '\n' ' ')"
 KEY=$( {
   sha256sum "${ALL_DEBS[@]}" | awk '{print $1}'
   sha256sum "${BASH_SOURCE[0]}" "${INITRD_FILES[@]}" | awk '{print $1}'
-  echo "net=$NET_MODULES disk=$DISK_MODULES epoch=$SOURCE_DATE_EPOCH"
+  echo "net=$NET_MODULES disk=$DISK_MODULES fs=$FS_MODULES epoch=$SOURCE_DATE_EPOCH"
 } | sha256sum | cut -c1-16)
 PRODUCT="$CACHE/initrd/$KEY"
 
@@ -172,8 +177,9 @@ else
   MODDIR="$WORK/kernel/lib/modules/$KVER"
 
   # load order: each module after its dependencies (depth first over modules.dep);
-  # "net PATH" lines first, then "disk PATH" for what the NIC drivers did not pull in
-  ORDER=$(awk -v net="$NET_MODULES" -v disk="$DISK_MODULES" '
+  # "net PATH" lines first, then "disk PATH" for what the NIC drivers did not pull in,
+  # then "fs PATH"
+  ORDER=$(awk -v net="$NET_MODULES" -v disk="$DISK_MODULES" -v fs="$FS_MODULES" '
     function base(p,  b) { b = p; sub(/.*\//, "", b); sub(/\.ko(\.[a-z]+)?$/, "", b); gsub(/-/, "_", b); return b }
     function visit(m, group,  n, i, d) {
       if (m in done) return
@@ -194,6 +200,8 @@ else
       for (i = 1; i <= n; i++) { x = w[i]; gsub(/-/, "_", x); visit(x, "net") }
       n = split(disk, w, " ")
       for (i = 1; i <= n; i++) { x = w[i]; gsub(/-/, "_", x); visit(x, "disk") }
+      n = split(fs, w, " ")
+      for (i = 1; i <= n; i++) { x = w[i]; gsub(/-/, "_", x); visit(x, "fs") }
       if (missing != "") { print "MISSING" missing > "/dev/stderr"; exit 1 }
     }' "$MODDIR/modules.builtin" "$MODDIR/modules.dep") || die "module(s) not found in $KPKG"
 
@@ -204,6 +212,7 @@ else
   install -m 0755 "$WORK/busybox/bin/busybox" "$R/bin/busybox"
   : > "$R/etc/modules.net"
   : > "$R/etc/modules.disk"
+  : > "$R/etc/modules.fs"
   while read -r group p; do
     f=$(basename "$p")
     case "$f" in
@@ -219,6 +228,7 @@ else
   echo "$KVER" > "$R/etc/kernel-release"
   log "NIC modules (load order): $(tr '\n' ' ' < "$R/etc/modules.net")"
   log "disk modules (load order): $(tr '\n' ' ' < "$R/etc/modules.disk")"
+  log "file system modules (load order): $(tr '\n' ' ' < "$R/etc/modules.fs")"
 
   # zstd and the shared libraries it needs, resolved by the unpacked packages' own
   # dynamic loader (ld.so --list), so the host's libraries never end up in the initrd
@@ -250,7 +260,7 @@ else
   {
     printf 'kernel_package=%s\nkernel_release=%s\n' "$KPKG" "$KVER"
     for deb in "${ALL_DEBS[@]}"; do printf 'deb=%s\n' "$(basename "$deb")"; done
-    printf 'net_modules=%s\ndisk_modules=%s\n' "$NET_MODULES" "$DISK_MODULES"
+    printf 'net_modules=%s\ndisk_modules=%s\nfs_modules=%s\n' "$NET_MODULES" "$DISK_MODULES" "$FS_MODULES"
   } > "$WORK/out/BUILDINFO"
   rm -rf "$PRODUCT"
   mv "$WORK/out" "$PRODUCT"

@@ -17,6 +17,8 @@ packages=(
   kea-dhcp4-server kea-admin                                   # Kea + perfdhcp (bench)
   postgresql                                                   # database tests
   qemu-system-x86 qemu-utils ipxe ipxe-qemu ovmf cpio kmod     # e2e VM boots
+  mmdebstrap extlinux syslinux-common e2fsprogs fdisk zstd     # OS image (build-debian-image.sh)
+  openssh-client                                               # logging in to a deployed OS
   libpcap0.8                                                   # scapy sniffing
   debian-installer-12-netboot-amd64                            # d-i e2e, debian-12 bootenv
   cloud-init debconf grub-common                               # answer-file validators

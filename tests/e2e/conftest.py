@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,10 @@ from tests.e2e.bmcvm import bmc_vm_factory  # noqa: F401 - a fixture for the tes
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "images" / "build-discovery.sh"
 DEPLOY_BUILD_SCRIPT = REPO / "images" / "build-deploy.sh"
+OS_IMAGE_BUILD_SCRIPT = REPO / "images" / "build-debian-image.sh"
+#: Seconds the OS image build may take (mmdebstrap from the mirror: about 2.5 min here;
+#: from the cache: seconds).
+OS_IMAGE_BUILD_TIMEOUT = float(os.environ.get("APPLIANCE_E2E_OS_IMAGE_BUILD_TIMEOUT", "1800"))
 
 #: Lines printed in the terminal summary (accelerator, boot times).
 SUMMARY: list[str] = []
@@ -88,6 +93,51 @@ def deploy_images(vm_host, tmp_path_factory, pytestconfig) -> Path:  # type: ign
     """vmlinuz + initrd.img of the image-deploy bootenv, built by images/build-deploy.sh
     (the same initrd as discovery, so a second build is only a reinstall from the cache)."""
     return _build_images(DEPLOY_BUILD_SCRIPT, "deploy", tmp_path_factory, pytestconfig)
+
+
+@dataclass(frozen=True)
+class OSImage:
+    """An OS disk image for image-deploy: the file and the sha256 of its bytes."""
+
+    path: Path
+    sha256: str
+    buildinfo: dict[str, str]
+
+
+def build_debian_image(outdir: Path) -> tuple[OSImage, str]:
+    """Run images/build-debian-image.sh into ``outdir`` (cached in $APPLIANCE_BUILD_CACHE:
+    seconds when its inputs did not change); return the image and the build's stderr."""
+    proc = subprocess.run(["bash", str(OS_IMAGE_BUILD_SCRIPT), str(outdir)],
+                          capture_output=True, text=True, timeout=OS_IMAGE_BUILD_TIMEOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{OS_IMAGE_BUILD_SCRIPT} failed ({proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    (line,) = [x for x in proc.stdout.splitlines() if x.strip()][-1:]
+    sha256, name = line.split()
+    path = outdir / name
+    assert len(sha256) == 64 and path.stat().st_size > 0, line
+    info = {}
+    for row in (outdir / "debian-12-amd64.buildinfo").read_text().splitlines():
+        key, _, value = row.partition("=")
+        if key not in ("package", "source"):  # (one line per package, per source)
+            info[key] = value
+    return OSImage(path, sha256, info), proc.stderr
+
+
+@pytest.fixture(scope="session")
+def debian_image(vm_host, tmp_path_factory, pytestconfig) -> OSImage:  # type: ignore[no-untyped-def]
+    """A minimal Debian 12 OS image (raw MBR/ext4 disk, extlinux, cloud-init, growpart),
+    zstd-compressed, built by images/build-debian-image.sh: ``.path`` (the .raw.zst to
+    import with ``appliance images import PATH --sha256 HEX``), ``.sha256``, ``.buildinfo``
+    (raw_bytes, raw_sha256, kernel_release, ...)."""
+    try:
+        image, _ = build_debian_image(tmp_path_factory.mktemp("os-image"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    say(pytestconfig, f"e2e: OS image {image.path.name} {image.sha256} "
+                      f"({image.path.stat().st_size // 1048576} MiB, raw "
+                      f"{int(image.buildinfo['raw_bytes']) // 1048576} MiB)")
+    return image
 
 
 @pytest.fixture(scope="session")

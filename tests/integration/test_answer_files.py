@@ -442,6 +442,25 @@ def test_deploy_json(env: Env) -> None:
     cfg = yaml.safe_load(orders["cloud_init_config"])
     assert cfg["datasource"] == {"NoCloud": {"seedfrom": r.seed_url}}
     assert orders["cloud_init_config_path"] == "/etc/cloud/cloud.cfg.d/90-appliance.cfg"
+    fragment = env.out / "image-deploy" / "90-appliance.cfg"
+    fragment.write_text(orders["cloud_init_config"])
+    cloud_init_valid(fragment, header=True)
+
+
+def test_deploy_json_ec2_datasource_config_is_valid(env: Env) -> None:
+    with env.db.session() as session:
+        machine = session.query(Machine).filter_by(mac=INSTALLERS["image-deploy"][0]).one()
+        configure_machine(session, env.catalog, machine,
+                          values={"cloud_init_datasource": "ec2"})
+        orders = json.loads(render_machine_file(env.config, session, env.catalog, machine,
+                                                "deploy.json", TARGET))
+        session.rollback()
+    cfg = yaml.safe_load(orders["cloud_init_config"])
+    assert cfg["datasource_list"] == ["Ec2", "None"]
+    assert cfg["datasource"]["Ec2"]["metadata_urls"] == [TARGET.base_url]
+    fragment = env.out / "image-deploy" / "90-appliance-ec2.cfg"
+    fragment.write_text(orders["cloud_init_config"])
+    cloud_init_valid(fragment, header=True)
 
 
 def test_deploy_json_keeps_an_absolute_image_url(env: Env) -> None:

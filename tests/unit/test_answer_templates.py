@@ -208,6 +208,8 @@ def test_command_line_values_are_typed_by_the_bootenvs(setup) -> None:  # type: 
     ({"image_sha256": "A" * 64}, "image_sha256_must_be_64_lowercase_hex_digits"),
     ({"image": "../../etc/shadow"}, "image_relative_path_must_not_contain_dotdot"),
     ({"image": "  "}, "image_is_empty"),
+    ({"cloud_init_datasource": "configdrive"}, "cloud_init_datasource_must_be_nocloud_or_ec2"),
+    ({"cloud_init_datasource": "NoCloud"}, "cloud_init_datasource_must_be_nocloud_or_ec2"),
 ])
 def test_bad_deploy_orders_are_refused(setup, values, expected) -> None:  # type: ignore[no-untyped-def]
     config, db, catalog = setup
@@ -289,3 +291,56 @@ def test_deploy_env_is_shell_that_cannot_run_a_param(setup, tmp_path: Path) -> N
 def test_deploy_refuses_vm_disk_formats(setup, image: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(RenderError, match="qemu_img_convert|qcow2|convert"):
         _deploy(setup, {**DEPLOY, "image": image})
+
+
+def _orders(setup, values: dict) -> tuple[str, dict, str]:  # type: ignore[no-untyped-def]
+    """(deploy.env, deploy.json, the machine's seed URL) for the same params."""
+    import json
+
+    config, db, catalog = setup
+    with db.session() as session:
+        set_profile(session, catalog, "global", {"ssh_authorized_keys": [KEY]})
+        m = machine(session)
+        configure_machine(session, catalog, m, bootenv="image-deploy", values=values)
+        env = render_machine_file(config, session, catalog, m, "deploy.env", TARGET)
+        orders = json.loads(render_machine_file(config, session, catalog, m, "deploy.json",
+                                                TARGET))
+        return env, orders, f"{TARGET.base_url}/nocloud/{m.seed_token}/"
+
+
+def _env_value(tmp_path: Path, env: str, name: str) -> str:
+    import subprocess
+
+    script = tmp_path / "deploy.env"
+    script.write_text(env + f'printf "%s" "${name}"\n')
+    out = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.mark.parametrize("datasource", [None, "nocloud", "ec2"])
+def test_deploy_orders_carry_the_cloud_init_datasource_config(setup, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                              datasource) -> None:
+    """deploy.env's DEPLOY_CLOUD_CFG and deploy.json's cloud_init_config are one text:
+    one datasource (and None) in datasource_list, so ds-identify takes it unprobed."""
+    import yaml
+
+    values = dict(DEPLOY) if datasource is None else {**DEPLOY,
+                                                      "cloud_init_datasource": datasource}
+    env, orders, seed_url = _orders(setup, values)
+    text = _env_value(tmp_path, env, "DEPLOY_CLOUD_CFG")
+    assert text == orders["cloud_init_config"] and text.endswith("false\n")
+    assert orders["cloud_init_config_path"] == "/etc/cloud/cloud.cfg.d/90-appliance.cfg"
+    cfg = yaml.safe_load(text)
+    assert cfg["disable_root"] is False and cfg["ssh_pwauth"] is False
+    if datasource == "ec2":
+        assert orders["cloud_init_datasource"] == "ec2"
+        assert cfg["datasource_list"] == ["Ec2", "None"]
+        ec2 = cfg["datasource"]["Ec2"]
+        assert ec2["metadata_urls"] == [TARGET.base_url] and ec2["strict_id"] is False
+        assert ec2["timeout"] > 0 and ec2["max_wait"] >= ec2["timeout"]
+    else:  # the default
+        assert orders["cloud_init_datasource"] == "nocloud"
+        assert cfg["datasource_list"] == ["NoCloud", "None"]
+        assert cfg["datasource"] == {"NoCloud": {"seedfrom": seed_url}}
+        assert seed_url.endswith("/")
