@@ -158,9 +158,7 @@ def _target(config: Config, session: Any, machine: Any, url: str | None) -> Any:
         raise ValueError("cannot tell which address this machine reaches the appliance on "
                          "(no http.public_address, no next-server on its subnet): "
                          "give --appliance-url http://ADDRESS:PORT")
-    base = base.rstrip("/")
-    host = base.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
-    return BootTarget(base_url=base, server=host)
+    return BootTarget.for_url(base)
 
 
 def cmd_render(args: argparse.Namespace, config: Config) -> int:

@@ -48,6 +48,13 @@ class BootTarget:
     base_url: str
     server: str
 
+    @classmethod
+    def for_url(cls, base_url: str) -> BootTarget:
+        """The target of an appliance URL (``http://host:port``): its host is the server."""
+        base = base_url.rstrip("/")
+        host = base.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+        return cls(base_url=base, server=host)
+
 
 def new_token() -> str:
     """An unguessable token for per-machine URLs (192 bits, URL-safe)."""

@@ -118,7 +118,7 @@ def reimage(config: Config, session: Session, catalog: Catalog, machine: Machine
         f"http://appliance.invalid:{config.http.port}"
     try:  # what the machine will get, rendered now: a bad param stops here, not mid-boot
         render_machine_file(config, session, catalog, machine, "boot.ipxe",
-                            BootTarget(base_url=base, server=base.split("//")[1].split(":")[0]))
+                            BootTarget.for_url(base))
     except RenderError as exc:
         raise LifecycleError(f"machine {label(machine)}: not reimaged, {exc}") from None
     with_bmc = bool(machine.bmc_driver)

@@ -132,14 +132,9 @@ def test_the_whole_way_to_ready_and_the_install_token_dies(setup) -> None:  # no
 ])
 def test_illegal_steps_are_refused_with_a_message(setup, step, call) -> None:  # noqa: F811
     config, db, catalog = setup
-    _reimage(config, db, catalog)
+    _to_contract(config, db, catalog)
     with db.session() as session:
-        machine = _machine(session)
-        operations.booted(config, session, machine, "x")
-        operations.install_done(config, session, machine, "tiny", "x")
-        operations.phone_home(config, session, machine, {
-            "instance_id": machine.instance_id, "pub_key_ed25519": HOST_KEY}, "x")
-        operations.contract_passed(config, session, machine, {})
+        operations.contract_passed(config, session, _machine(session), {})
     with db.session() as session:
         machine = _machine(session)
         if call is None:  # install-done on a ready machine is ignored, not a step
