@@ -147,7 +147,7 @@ write_overlay() {
   local d=$1
   mkdir -p "$d/etc/cloud/cloud.cfg.d" "$d/etc/network" "$d/etc/systemd/system/ssh.service.d" \
     "$d/etc/default"
-  # No datasource here: the deploy step writes /etc/cloud/cloud.cfg.d/90-appliance.cfg
+  # No datasource here: the deploy step writes /etc/cloud/cloud.cfg.d/99-appliance.cfg
   # (the appliance's NoCloud seed or EC2 metadata URL) into the written disk. Until then
   # ds-identify finds no datasource and cloud-init stays off.
   cat > "$d/etc/cloud/cloud.cfg.d/01-appliance-image.cfg" <<'EOF'

@@ -9,7 +9,7 @@ under TCG per datasource):
    the image imported (``appliance images import PATH --sha256``) and a machine set to
    bootenv image-deploy (``cloud_init_datasource`` as asked, ``after_deploy=poweroff``):
    a BIOS VM with a blank 4 GiB disk PXE-boots the deploy initrd, which writes the image,
-   writes /etc/cloud/cloud.cfg.d/90-appliance.cfg into it, reports done, powers off;
+   writes /etc/cloud/cloud.cfg.d/99-appliance.cfg into it, reports done, powers off;
 3. the appliance stops; dnsmasq (DHCP only) and tests/e2e/metadata_standin.py take its
    place on the same address and port (the seed and metadata URLs the deploy wrote name
    it), serving the user-data the appliance renders for the machine;
@@ -196,7 +196,7 @@ def check(datasource: str, work: Path, deploy_images: Path, image, key: Path,  #
                 "ds_identify_log": "grep -E 'single entry|DSLIST|found=|Found|mode=|policy'"
                                    " /run/cloud-init/ds-identify.log",
                 "appliance_cfg": "ls -l /etc/cloud/cloud.cfg.d/; "
-                                 "cat /etc/cloud/cloud.cfg.d/90-appliance.cfg",
+                                 "cat /etc/cloud/cloud.cfg.d/99-appliance.cfg",
                 "sshd": "sshd -T | grep -E '^(passwordauthentication|"
                         "kbdinteractiveauthentication|permitrootlogin|pubkeyauthentication) '",
                 "root_keys": "cat /root/.ssh/authorized_keys",

@@ -13,9 +13,13 @@ namespace, so QEMU's tap is there)::
 under ``-no-reboot`` ends QEMU). The NIC and the disk are ``-device ...,id=<nic>`` and
 ``-device ...,id=<disk>`` entries; the BMC adds the boot order to them.
 
-- power on: start QEMU with ``-boot strict=on`` and a ``bootindex`` on exactly the
-  devices of the boot device in force (``network`` = the NIC only, ``hd`` = the disk
-  only, ``default`` = ``--default-order``), plus ``-qmp unix:...``; "on" once QMP answers.
+- power on: start QEMU with ``-boot strict=on`` and a ``bootindex`` on the devices of
+  the boot device in force (``network`` = the NIC, then the disk; ``hd`` = the disk
+  only; ``default`` = ``--default-order``), plus ``-qmp unix:...``; "on" once QMP
+  answers. The disk follows the NIC because under ``strict=on`` SeaBIOS 1.16 leaves a
+  device without a ``bootindex`` out of INT 13h altogether, so iPXE's ``sanboot
+  --drive 0x80`` fails with "Input/output error"; a real BIOS set to boot from the
+  network still has its disk, and the appliance's ``local`` boot script relies on it.
 - power state: on = the QEMU process is alive and QMP ``query-status`` says running.
 - power off: QMP ``quit``; SIGKILL by PID if QEMU is still there after ``--stop-timeout``.
 - power cycle: off, then on (a new QEMU process, so a new command line).
@@ -240,7 +244,7 @@ class QemuBmc(bmc.Bmc):
     def order(self, device: str) -> list[str]:
         """QEMU device ids in boot order for an IPMI boot device name."""
         if device == "network":
-            names = ["network"]
+            names = ["network", "hd"]  # the disk stays reachable (see the docstring)
         elif device in ("hd", "safe"):
             names = ["hd"]
         else:

@@ -87,9 +87,9 @@ def test_qemu_bmc_ipmitool_and_pyghmi(request, vm_host, accel, namespace,  # typ
     bvm.mark("reset")
     assert "Reset" in bvm.ipmitool("chassis", "power", "reset").stdout
     reset = bvm.records("qemu-reset")[-1]
-    assert reset["boot_order"] == ["nic0"] and reset["once"] is True, reset
+    assert reset["boot_order"] == ["nic0", "disk0"] and reset["once"] is True, reset
     assert reset["efi"] is True and reset["once_consumed"] == "network", reset
-    assert reset["qom_set"] == {"nic0": 1, "disk0": -1}, reset
+    assert reset["qom_set"] == {"nic0": 1, "disk0": 2}, reset
     assert bvm.wait_serial(IPXE_STARTED, FIRMWARE_TIMEOUT, since="reset"), (
         f"reset with a PXE override did not start iPXE{bvm.context()}")
     assert SEABIOS_DISK not in bvm.since("reset"), bvm.context()
@@ -119,7 +119,7 @@ def test_qemu_bmc_ipmitool_and_pyghmi(request, vm_host, accel, namespace,  # typ
     stop, start = bvm.records("qemu-stop")[-1], bvm.records("qemu-start")[-1]
     assert stop["reason"] == "power cycle" and stop["via"] == "qmp quit", stop
     assert start["reason"] == "power cycle" and start["pid"] != old_pid, start
-    assert start["boot_order"] == ["nic0"] and start["once"] is False, start
+    assert start["boot_order"] == ["nic0", "disk0"] and start["once"] is False, start
     assert not pid_alive(old_pid)
     assert bvm.wait_serial(IPXE_STARTED, FIRMWARE_TIMEOUT, since="cycle"), bvm.context()
     got = bvm.pyghmi(("get_bootdev", {}))
@@ -141,7 +141,7 @@ def test_qemu_bmc_ipmitool_and_pyghmi(request, vm_host, accel, namespace,  # typ
     assert got[0] == {"powerstate": "on"}, got
     assert bvm.requests("chassis identify")[-1]["identify"] == "indefinite"
     assert got[3]["bootdev"] == "default", got
-    assert bvm.records("qemu-start")[-1]["boot_order"] == ["nic0"]  # persistent network
+    assert bvm.records("qemu-start")[-1]["boot_order"] == ["nic0", "disk0"]  # persistent network
 
     # SIGTERM to the BMC alone: it stops its QEMU (by PID) and exits
     qemu_pid = bvm.records("qemu-start")[-1]["pid"]
@@ -230,7 +230,7 @@ def test_boot_pxe_and_power_cycle_network_boot(request, bootnet, accel, firmware
     starts = bvm.records("qemu-start")
     assert len(starts) == 2, bvm.context()
     assert starts[-1]["reason"] == "power cycle", starts[-1]
-    assert starts[-1]["boot_order"] == ["nic0"] and starts[-1]["once"] is True, starts[-1]
+    assert starts[-1]["boot_order"] == ["nic0", "disk0"] and starts[-1]["once"] is True, starts[-1]
     assert starts[-1]["efi"] is (firmware == "uefi"), starts[-1]
     assert starts[-1]["once_consumed"] == "network", starts[-1]
     assert starts[-1]["reverts_to"] == "hd", starts[-1]
@@ -255,7 +255,7 @@ def test_boot_pxe_and_power_cycle_network_boot(request, bootnet, accel, firmware
     assert leases, "no DHCP lease for the VM after its network boot"
 
     # exactly one QEMU start with the network order: the override applied once
-    net_starts = [s for s in bvm.records("qemu-start") if s["boot_order"] == ["nic0"]]
+    net_starts = [s for s in bvm.records("qemu-start") if s["boot_order"] == ["nic0", "disk0"]]
     assert len(net_starts) == 1 and net_starts[0]["once"] is True, bvm.context()
 
     # 5. the discovery initrd powers the VM off: both sides say off

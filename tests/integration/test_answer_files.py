@@ -144,7 +144,7 @@ def contract_checks(text: str, r: Rendered) -> None:
         assert key.split()[1] in text or key.split()[2] in text
     assert "PasswordAuthentication no" in text
     assert "/etc/ssh/sshd_config.d/01-appliance.conf" in text
-    assert "/etc/cloud/cloud.cfg.d/90-appliance.cfg" in text
+    assert "/etc/cloud/cloud.cfg.d/99-appliance.cfg" in text
     assert "datasource_list: [NoCloud, None]" in text
     assert f'seedfrom: "{r.seed_url}"' in text
     assert f"{r.install_url}/done" in text
@@ -206,7 +206,7 @@ def test_kickstart_post_sections_write_the_contract_then_report(env: Env,
     assert (root / "root/.ssh/authorized_keys").read_text().splitlines() == KEYS
     assert "PasswordAuthentication no" in \
         (root / "etc/ssh/sshd_config.d/01-appliance.conf").read_text()
-    cloud_cfg = root / "etc/cloud/cloud.cfg.d/90-appliance.cfg"
+    cloud_cfg = root / "etc/cloud/cloud.cfg.d/99-appliance.cfg"
     cloud_init_valid(cloud_cfg, header=True)
     assert yaml.safe_load(cloud_cfg.read_text())["datasource"] == {
         "NoCloud": {"seedfrom": r.seed_url}}
@@ -301,7 +301,7 @@ def test_preseed_late_command_is_valid_shell_that_writes_the_contract(env: Env,
     assert (target / "root/.ssh/authorized_keys").read_text().splitlines() == KEYS
     assert "PasswordAuthentication no" in \
         (target / "etc/ssh/sshd_config.d/01-appliance.conf").read_text()
-    cloud_cfg = target / "etc/cloud/cloud.cfg.d/90-appliance.cfg"
+    cloud_cfg = target / "etc/cloud/cloud.cfg.d/99-appliance.cfg"
     cloud_init_valid(cloud_cfg, header=True)
     cfg = yaml.safe_load(cloud_cfg.read_text())
     assert cfg["datasource_list"] == ["NoCloud", "None"]
@@ -396,7 +396,7 @@ def test_autoinstall_late_commands_write_the_contract(env: Env, tmp_path: Path) 
     assert result.returncode == 0, result.stderr
     assert (target / "root/.ssh/authorized_keys").read_text().splitlines() == KEYS
     assert not (target / "etc/cloud/cloud.cfg.d/99-installer.cfg").exists()
-    cloud_cfg = target / "etc/cloud/cloud.cfg.d/90-appliance.cfg"
+    cloud_cfg = target / "etc/cloud/cloud.cfg.d/99-appliance.cfg"
     cloud_init_valid(cloud_cfg, header=True)
     cfg = yaml.safe_load(cloud_cfg.read_text())
     assert cfg["datasource"]["NoCloud"]["seedfrom"] == r.seed_url
@@ -441,8 +441,8 @@ def test_deploy_json(env: Env) -> None:
     assert orders["user_data_url"] == f"{r.install_url}/user-data"
     cfg = yaml.safe_load(orders["cloud_init_config"])
     assert cfg["datasource"] == {"NoCloud": {"seedfrom": r.seed_url}}
-    assert orders["cloud_init_config_path"] == "/etc/cloud/cloud.cfg.d/90-appliance.cfg"
-    fragment = env.out / "image-deploy" / "90-appliance.cfg"
+    assert orders["cloud_init_config_path"] == "/etc/cloud/cloud.cfg.d/99-appliance.cfg"
+    fragment = env.out / "image-deploy" / "99-appliance.cfg"
     fragment.write_text(orders["cloud_init_config"])
     cloud_init_valid(fragment, header=True)
 
@@ -458,7 +458,7 @@ def test_deploy_json_ec2_datasource_config_is_valid(env: Env) -> None:
     cfg = yaml.safe_load(orders["cloud_init_config"])
     assert cfg["datasource_list"] == ["Ec2", "None"]
     assert cfg["datasource"]["Ec2"]["metadata_urls"] == [TARGET.base_url]
-    fragment = env.out / "image-deploy" / "90-appliance-ec2.cfg"
+    fragment = env.out / "image-deploy" / "99-appliance-ec2.cfg"
     fragment.write_text(orders["cloud_init_config"])
     cloud_init_valid(fragment, header=True)
 

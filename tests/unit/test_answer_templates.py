@@ -330,7 +330,7 @@ def test_deploy_orders_carry_the_cloud_init_datasource_config(setup, tmp_path: P
     env, orders, seed_url = _orders(setup, values)
     text = _env_value(tmp_path, env, "DEPLOY_CLOUD_CFG")
     assert text == orders["cloud_init_config"] and text.endswith("false\n")
-    assert orders["cloud_init_config_path"] == "/etc/cloud/cloud.cfg.d/90-appliance.cfg"
+    assert orders["cloud_init_config_path"] == "/etc/cloud/cloud.cfg.d/99-appliance.cfg"
     cfg = yaml.safe_load(text)
     assert cfg["disable_root"] is False and cfg["ssh_pwauth"] is False
     if datasource == "ec2":

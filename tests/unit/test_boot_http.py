@@ -64,6 +64,20 @@ def test_reload_ipxe_bios_chains_undionly(app) -> None:  # type: ignore[no-untyp
     assert "chain --autofree tftp://10.0.0.1/undionly.kpxe" in body
 
 
+def test_local_boot_skips_the_reload_and_boots_the_first_disk(app) -> None:  # type: ignore[no-untyped-def]
+    app.extensions["appliance"].config.boot.reload_ipxe_bios = True
+    client = app.test_client()
+    client.get("/boot/52:54:00:00:00:03.ipxe")
+    db = app.extensions["appliance"].db
+    from appliance.models import Machine
+    with db.session() as s:
+        s.query(Machine).filter_by(mac="52:54:00:00:00:03").one().bootenv = "local"
+    body = client.get("/boot/52:54:00:00:00:03.ipxe", base_url="http://10.0.0.1:8080").text
+    assert "undionly" not in body
+    assert "sanboot --no-describe --drive 0x80 || goto retry" in body
+    assert body.index("iseq ${platform} efi && goto local_efi") < body.index("sanboot")
+
+
 def test_bad_mac_is_404(app) -> None:  # type: ignore[no-untyped-def]
     assert app.test_client().get("/boot/zz.ipxe").status_code == 404
 
