@@ -385,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance.lifecycle import commands as lifecycle_commands
 
     lifecycle_commands.register(sub, _param_options)
+    from appliance.auth import commands as auth_commands
+
+    auth_commands.register(sub)
 
     p = command("profile", cmd_profile, "named sets of params; 'global' applies to all")
     psub = p.add_subparsers(dest="action", required=True)

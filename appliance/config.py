@@ -38,9 +38,9 @@ class HttpConfig:
     #: Address machines use to reach this appliance in URLs handed out by DHCP and
     #: scripts. Empty: the address the DHCP request arrived on.
     public_address: str = ""
-    #: Comma-separated networks whose clients may use the JSON API (``/api/v1``). It
-    #: can power machines off, so only loopback until API users and tokens exist.
-    api_networks: str = "127.0.0.0/8,::1/128"
+    #: Comma-separated networks whose clients may use the JSON API (``/api/v1``), on top
+    #: of its authentication (an API token or a login session; there is no default user).
+    api_networks: str = "0.0.0.0/0,::/0"
 
 
 @dataclass
@@ -143,6 +143,17 @@ class LifecycleConfig:
 
 
 @dataclass
+class AuthConfig:
+    """Web UI login sessions (``appliance/web/auth.py``); users and API tokens are made
+    with ``appliance user`` and ``appliance token``."""
+
+    #: Hours a login session lasts.
+    session_hours: float = 12.0
+    #: Send the session cookie only over HTTPS (set it when a TLS proxy is in front).
+    secure_cookies: bool = False
+
+
+@dataclass
 class BootConfig:
     #: Directory of boot environment definitions (``*.yaml``); empty: the shipped ones.
     bootenvs_dir: str = ""
@@ -166,6 +177,7 @@ class Config:
     syslog: SyslogConfig = field(default_factory=SyslogConfig)
     power: PowerConfig = field(default_factory=PowerConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property
     def effective_database_url(self) -> str:
@@ -200,6 +212,9 @@ class Config:
             except ValueError:
                 raise ConfigError(f"http.api_networks: {part.strip()!r} is not a network") \
                     from None
+        if not 0 < self.auth.session_hours <= 24 * 90:
+            raise ConfigError("auth.session_hours: must be more than 0 and at most 2160 "
+                              "(90 days)")
         if self.http.threads < 1:
             raise ConfigError("http.threads: must be at least 1")
         if self.syslog.max_lines_per_machine < 1:

@@ -85,6 +85,7 @@ class ApplianceProcess:
         self.log_path = workdir / "appliance.log"
         self.only = only
         self.proc: subprocess.Popen | None = None
+        self._api_token: str | None = None
 
     def cli(self, *args: str, check: bool = True, input: str | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess:
@@ -113,9 +114,22 @@ class ApplianceProcess:
         netns.wait_for(lambda: needle in self.log(), timeout, what=f"{needle!r} in log:\n"
                        + self.log()[-3000:])
 
-    def http_get(self, url: str, timeout: float = 10) -> bytes:
-        """GET from inside the namespace (curl), return the body."""
-        out = self.ns.exec(["curl", "-sS", "-f", "--max-time", str(timeout), url],
+    def api_token(self) -> str:
+        """An API token of user ``tester`` (made with the CLI the first time)."""
+        if self._api_token is None:
+            self.cli("user", "add", "tester", "--password-stdin",
+                     input="correct horse battery\n")
+            self._api_token = self.cli("token", "create", "tester").stdout.strip()
+        return self._api_token
+
+    def api_headers(self) -> list[str]:
+        """curl arguments that authenticate as ``tester``."""
+        return ["-H", f"Authorization: Bearer {self.api_token()}"]
+
+    def http_get(self, url: str, timeout: float = 10, api: bool = False) -> bytes:
+        """GET from inside the namespace (curl), return the body; ``api``: with a token."""
+        out = self.ns.exec(["curl", "-sS", "-f", "--max-time", str(timeout),
+                            *(self.api_headers() if api else []), url],
                            text=False, timeout=timeout + 5)
         return out.stdout
 

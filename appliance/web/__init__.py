@@ -37,6 +37,10 @@ def create_app(config: Config | None = None, db: Database | None = None) -> Flas
 
     app.config["MAX_CONTENT_LENGTH"] = MAX_LOG_BYTES
     app.extensions["appliance"] = WebState(config, db, catalog)
+    from appliance.web import auth
+
+    auth.init_app(app, config.state_dir, session_hours=config.auth.session_hours,
+                  secure_cookies=config.auth.secure_cookies)
 
     from appliance.web.api import api
     from appliance.web.boot import boot

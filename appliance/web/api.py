@@ -1,11 +1,14 @@
 """JSON API under ``/api/v1/``: machines' lifecycle, power and boot control (issue 6 adds
 the rest).
 
-Until API users and tokens exist, the API answers only clients whose address is in
-``[http] api_networks`` (default: loopback), because it can power machines off. Errors
-are JSON ``{"error": message}`` naming the bad field. Every call goes through the same
-functions as the CLI (:mod:`appliance.power.control`, :mod:`appliance.lifecycle.operations`).
-A lifecycle step the machine cannot take now is 409 with the reason.
+Every call needs a user: an API token (``Authorization: Bearer``, made with ``appliance
+token create``) or a web UI login session, whose writes also need its CSRF token
+(``appliance/web/auth.py``). Unauthenticated: 401. Clients must also be in ``[http]
+api_networks`` (default: anywhere). Errors are JSON ``{"error": message}`` naming the bad
+field. Every call goes through the same functions as the CLI
+(:mod:`appliance.power.control`, :mod:`appliance.lifecycle.operations`) and is recorded
+with the user (``user:NAME``). A lifecycle step the machine cannot take now is 409 with
+the reason.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from appliance.lifecycle.states import LifecycleError
 from appliance.models import Machine, PowerRequest
 from appliance.power import control
 from appliance.profiles import ProfileError, find_machine
-from appliance.web import state
+from appliance.web import auth, state
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -47,8 +50,19 @@ def _power_error(exc: control.PowerError) -> tuple[Response, int]:
     return jsonify(error=str(exc)), 400
 
 
+@api.errorhandler(auth.Unauthorized)
+def _unauthorized(exc: auth.Unauthorized) -> tuple[Response, int, dict[str, str]]:
+    return jsonify(error=str(exc)), 401, {"WWW-Authenticate": 'Bearer realm="appliance"'}
+
+
+@api.errorhandler(auth.Forbidden)
+def _forbidden(exc: auth.Forbidden) -> tuple[Response, int]:
+    return jsonify(error=str(exc)), 403
+
+
 @api.before_request
-def _only_allowed_networks() -> None:
+def _authenticate() -> None:
+    """Allowed network, then a user (token or session), then CSRF for session writes."""
     allowed = state().config.http.api_networks
     try:
         client = ipaddress.ip_address(request.remote_addr or "")
@@ -57,8 +71,10 @@ def _only_allowed_networks() -> None:
     if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped:
         client = client.ipv4_mapped  # ::ffff:127.0.0.1 on a dual-stack bind
     if client is None or not any(client in net for net in _networks(allowed)):
-        raise ApiError(403, f"the API answers only {allowed} (setting http.api_networks) "
-                            "until API users and tokens exist")
+        raise ApiError(403, f"the API answers only {allowed} (setting http.api_networks)")
+    with state().db.session() as session:
+        _, how = auth.authenticate(session)
+    auth.check_csrf(how)
 
 
 def _networks(spec: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -66,7 +82,7 @@ def _networks(spec: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
 
 
 def _actor() -> str:
-    return f"api:{request.remote_addr}"
+    return auth.actor()
 
 
 def _body() -> dict[str, Any]:

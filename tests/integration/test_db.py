@@ -8,7 +8,7 @@ def test_migrate_is_idempotent_and_counters_roundtrip(database_url: str) -> None
     db = Database(database_url)
     db.migrate()
     db.migrate()
-    assert current_revision(db.engine) == "0005_lifecycle"
+    assert current_revision(db.engine) == "0006_users_and_api_tokens"
     if database_url.startswith("sqlite"):
         with db.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"

@@ -82,12 +82,14 @@ class PowerRig:
                  "--username", "admin", "--password-stdin", input=password + "\n")
 
     def request(self, request_id: int) -> dict:
-        body = self.app.http_get(f"http://127.0.0.1:8080/api/v1/power-requests/{request_id}")
+        body = self.app.http_get(f"http://127.0.0.1:8080/api/v1/power-requests/{request_id}",
+                                 api=True)
         return json.loads(body)
 
     def api_post(self, path: str, body: dict) -> dict:
         out = self.ns.exec(["curl", "-sS", "-f", "--max-time", "10", "-X", "POST", "-H",
-                            "Content-Type: application/json", "-d", json.dumps(body),
+                            "Content-Type: application/json", *self.app.api_headers(),
+                            "-d", json.dumps(body),
                             f"http://127.0.0.1:8080{path}"], timeout=15).stdout
         return json.loads(out)
 
@@ -233,7 +235,7 @@ def test_faults_are_bounded_events_and_the_daemon_keeps_serving(rig: PowerRig) -
                   and e["details"]["request"] == ids[name]]
         assert len(failed) == 1, (name, failed)
         assert failed[0]["message"].startswith("power on failed after")
-        assert failed[0]["actor"] == "api:127.0.0.1"
+        assert failed[0]["actor"] == "user:tester"
         assert failed[0]["details"]["error_kind"] == results[name]["error_kind"]
     assert "not-the-password" not in rig.app.log()
     assert "not-the-password" not in json.dumps(rig.events(macs["wrongpw"]))

@@ -18,6 +18,7 @@ from appliance.lifecycle.contract import ContractResult
 from appliance.lifecycle.states import LifecycleError
 from appliance.models import Event, Machine, PowerRequest, utcnow
 from appliance.power import control
+from tests.apiauth import authorize
 from tests.unit.test_provisioning import MAC, setup  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.unit
@@ -361,6 +362,7 @@ def test_the_api_reimages_and_refuses_by_field(setup) -> None:  # noqa: F811
 
     config, db, _ = setup
     client = create_app(config, db).test_client()
+    authorize(client, db, "bob")
     local = {"REMOTE_ADDR": "127.0.0.1"}
     r = client.post(f"/api/v1/machines/{MAC}/reimage", json={"bootenv": "tiny"},
                     environ_base=local)
@@ -375,7 +377,7 @@ def test_the_api_reimages_and_refuses_by_field(setup) -> None:  # noqa: F811
     r = client.post(f"/api/v1/machines/{MAC}/reimage", json=body, environ_base=local)
     assert r.status_code == 202, r.json
     assert (r.json["state"], r.json["phase"]) == ("provisioning", "boot")
-    assert r.json["deployment"]["actor"] == "api:127.0.0.1"
+    assert r.json["deployment"]["actor"] == "user:bob"
     again = client.post(f"/api/v1/machines/{MAC}/reimage", json=body, environ_base=local)
     assert again.status_code == 200 and again.json["deployment"]["unchanged"]
     shown = client.get(f"/api/v1/machines/{MAC}/lifecycle", environ_base=local).json
@@ -386,9 +388,10 @@ def test_the_api_reimages_and_refuses_by_field(setup) -> None:  # noqa: F811
     r = client.post(f"/api/v1/machines/{MAC}/decommission", json={"reason": "rack moved"},
                     environ_base=local)
     assert r.status_code == 200 and r.json["state"] == "available"
+    config.http.api_networks = "127.0.0.0/8"
     r = client.post(f"/api/v1/machines/{MAC}/decommission",
                     environ_base={"REMOTE_ADDR": "10.0.0.9"})
-    assert r.status_code == 403
+    assert r.status_code == 403 and "http.api_networks" in r.json["error"]
 
 
 def test_install_token_is_dead_after_ready_and_the_seed_lives_on(setup) -> None:  # noqa: F811

@@ -34,6 +34,7 @@ from appliance.power.driver import (
 )
 from appliance.power.ipmi import IpmiDriver
 from appliance.power.worker import PowerPartWedged, PowerWorker
+from tests.apiauth import authorize
 
 pytestmark = pytest.mark.unit
 
@@ -490,6 +491,8 @@ def test_api_power_endpoints(power_env, fake_driver) -> None:
     with db.session() as session:
         session.get(Machine, 1).hostname = "node9"
     client = create_app(config, db).test_client()
+    assert client.get("/api/v1/machines/node9/bmc").status_code == 401
+    authorize(client, db, "alice")
     r = client.get("/api/v1/machines/node9/bmc")
     assert r.status_code == 200 and r.json["bmc"]["password_set"] is True
     assert "password" not in r.json["bmc"]
@@ -510,7 +513,8 @@ def test_api_power_endpoints(power_env, fake_driver) -> None:
     _drain(worker)
     worker.close()
     r = client.get(f"/api/v1/power-requests/{request_id}")
-    assert r.json["state"] == "succeeded" and r.json["actor"] == "api:127.0.0.1"
+    assert r.json["state"] == "succeeded" and r.json["actor"] == "user:alice"
+    config.http.api_networks = "127.0.0.0/8"
     r = client.get("/api/v1/machines/node9/power",
                    environ_base={"REMOTE_ADDR": "10.250.40.7"})
     assert r.status_code == 403 and "http.api_networks" in r.json["error"]
@@ -583,7 +587,9 @@ def test_api_treats_ipv4_mapped_loopback_as_loopback(power_env) -> None:
     from appliance.web import create_app
 
     config, db = power_env
+    config.http.api_networks = "127.0.0.0/8"
     client = create_app(config, db).test_client()
+    authorize(client, db)
     r = client.get("/api/v1/power-requests/1", environ_base={"REMOTE_ADDR": "::ffff:127.0.0.1"})
     assert r.status_code == 404  # allowed in, and the request does not exist
     r = client.get("/api/v1/power-requests/1", environ_base={"REMOTE_ADDR": "::ffff:10.0.0.7"},
