@@ -102,11 +102,13 @@ def cmd_reservation(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_machines(args: argparse.Namespace, config: Config) -> int:
+    from appliance.listing import all_machines
+
     db = Database(config.effective_database_url)
     with db.session() as session:
-        rows = [inventory.as_dict(m) for m in inventory.list_machines(session)]
-    _print(args, rows, ["mac", "hostname", "state", "phase", "bootenv", "power_state", "arch",
-                        "seen_on", "last_seen_at"])
+        rows = all_machines(session, state=args.state, q=args.search)
+    _print(args, rows, ["mac", "hostname", "state", "phase", "bootenv", "address",
+                        "power_state", "arch", "seen_on", "last_seen_at"])
     return 0
 
 
@@ -354,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
 
     p = command("machines", cmd_machines, "list machines")
+    p.add_argument("--state", default="", help="only machines in this state")
+    p.add_argument("--search", default="", metavar="TEXT",
+                   help="MAC, hostname or bootenv contains TEXT")
     p.add_argument("--json", action="store_true")
     p = command("leases", cmd_leases, "list active DHCP leases")
     p.add_argument("--all", action="store_true", help="include released/expired/declined")

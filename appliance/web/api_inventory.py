@@ -1,0 +1,91 @@
+"""Read side of the JSON API: machines (paginated, filtered), one machine in full, and
+events; on the ``api`` blueprint of :mod:`appliance.web.api`, so the same
+authentication and error handling apply. Lists come from :mod:`appliance.listing`, the
+functions the web UI and the CLI use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response, jsonify, request
+
+from appliance import listing
+from appliance.inventory import as_dict, list_events
+from appliance.models import Lease, Machine
+from appliance.power import control
+from appliance.web import state
+from appliance.web.api import ApiError, _machine, api
+
+MAX_EVENTS = 1000
+
+
+def _int_arg(name: str, default: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ApiError(400, f"{name}: expected an integer, got {raw[:40]!r}") from None
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _event_row(event: Any) -> dict[str, Any]:
+    row = as_dict(event)
+    row["mac"] = event.machine.mac if event.machine else None
+    return row
+
+
+@api.get("/machines")
+def list_machines() -> Response:
+    """Query: ``state``, ``q`` (MAC, hostname or bootenv contains), ``limit`` (1-500,
+    default 50), ``offset``."""
+    flt = listing.MachineFilter(state=request.args.get("state", ""),
+                                q=request.args.get("q", ""),
+                                limit=_int_arg("limit", listing.DEFAULT_LIMIT),
+                                offset=_int_arg("offset", 0))
+    try:
+        flt.check()
+    except listing.ListingError as exc:
+        raise ApiError(400, str(exc)) from None
+    with state().db.session() as session:
+        return jsonify(listing.machine_page(session, flt))
+
+
+def machine_detail(session: Any, machine: Machine) -> dict[str, Any]:
+    """Everything the machine page shows (never a credential)."""
+    (summary,) = listing.summaries(session, [machine])
+    leases = session.query(Lease).filter(Lease.mac == machine.mac) \
+        .order_by(Lease.updated_at.desc()).limit(20).all()
+    return {**summary, "first_seen_at": _iso(machine.first_seen_at),
+            "profiles": list(machine.profiles or []), "params": dict(machine.params or {}),
+            "instance_id": machine.instance_id, "deployment": machine.deployment,
+            "contract": machine.contract, "ssh_host_keys": machine.ssh_host_keys,
+            "phase_deadline": _iso(machine.phase_deadline),
+            "bmc": control.bmc_summary(machine) if machine.bmc_driver else None,
+            "power_checked_at": _iso(machine.power_checked_at),
+            "power_error": machine.power_error,
+            "leases": [as_dict(lease) for lease in leases]}
+
+
+@api.get("/machines/<ident>")
+def get_machine(ident: str) -> Response:
+    with state().db.session() as session:
+        return jsonify(machine_detail(session, _machine(session, ident)))
+
+
+@api.get("/events")
+def get_events() -> Response:
+    """Query: ``machine`` (MAC or hostname), ``limit`` (1-1000, default 100); oldest
+    first, the newest ``limit``."""
+    limit = _int_arg("limit", 100)
+    if not 1 <= limit <= MAX_EVENTS:
+        raise ApiError(400, f"limit: 1 to {MAX_EVENTS}")
+    ident = request.args.get("machine", "")
+    with state().db.session() as session:
+        mac = _machine(session, ident).mac if ident else None
+        return jsonify(items=[_event_row(e) for e in list_events(session, mac, limit)])
