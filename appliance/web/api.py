@@ -60,9 +60,22 @@ def _forbidden(exc: auth.Forbidden) -> tuple[Response, int]:
     return jsonify(error=str(exc)), 403
 
 
+@api.get("/openapi.json")
+def openapi_document() -> Response:
+    from appliance.web import openapi
+
+    return openapi.serve()
+
+
+#: Served without a login: the API's description, not its data.
+PUBLIC_ENDPOINTS = frozenset({"api.openapi_document"})
+
+
 @api.before_request
 def _authenticate() -> None:
     """Allowed network, then a user (token or session), then CSRF for session writes."""
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return
     allowed = state().config.http.api_networks
     try:
         client = ipaddress.ip_address(request.remote_addr or "")
