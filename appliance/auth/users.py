@@ -8,7 +8,12 @@ import re
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from appliance.auth.passwords import hash_password, needs_rehash, verify_password
+from appliance.auth.passwords import (
+    PasswordError,
+    hash_password,
+    needs_rehash,
+    verify_password,
+)
 from appliance.lifecycle.events import record_event
 from appliance.models import User, utcnow
 
@@ -85,8 +90,6 @@ def list_users(session: Session) -> list[User]:
 
 
 def _hash(password: str) -> str:
-    from appliance.auth.passwords import PasswordError
-
     try:
         return hash_password(password)
     except PasswordError as exc:
