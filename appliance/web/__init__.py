@@ -47,11 +47,13 @@ def create_app(config: Config | None = None, db: Database | None = None) -> Flas
     from appliance.web.boot import boot
     from appliance.web.install import install
     from appliance.web.metadata import metadata
+    from appliance.web.ui import ui
 
     app.register_blueprint(boot)
     app.register_blueprint(install)
     app.register_blueprint(api)
     app.register_blueprint(metadata)
+    app.register_blueprint(ui)
     return app
 
 
