@@ -274,17 +274,10 @@ def cmd_logs(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_bootenvs(args: argparse.Namespace, config: Config) -> int:
+    from appliance.listing import bootenv_rows
+
     catalog = _catalog(config)
-    rows = []
-    for env in catalog.bootenvs.values():
-        missing = env.missing_files(config.images_dir)
-        rows.append({
-            "name": env.name, "os": f"{env.os.family} {env.os.version}".strip(),
-            "firmware": ",".join(env.firmware) or ("local disk" if env.local_boot else ""),
-            "files": ",".join(env.templates), "artifacts": ",".join(a.name for a in env.artifacts),
-            "images": "missing: " + ",".join(missing) if missing else "ok",
-            "description": " ".join(env.description.split()),
-        })
+    rows = bootenv_rows(catalog, config.images_dir)
     if args.json:
         print(json.dumps({"bootenvs": rows, "refused": catalog.errors}, indent=2))
     else:

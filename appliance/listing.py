@@ -115,3 +115,27 @@ def all_machines(session: Session, state: str = "", q: str = "") -> list[dict[st
         rows += page["items"]
         if not page["items"] or len(rows) >= page["total"]:
             return rows
+
+
+def bootenv_rows(catalog: Any, images_dir: Any) -> list[dict[str, Any]]:
+    """The bootenvs as ``appliance bootenvs`` and ``GET /api/v1/bootenvs`` show them."""
+    rows = []
+    for env in catalog.bootenvs.values():
+        missing = env.missing_files(images_dir)
+        rows.append({
+            "name": env.name, "os": f"{env.os.family} {env.os.version}".strip(),
+            "installs": bool(env.installs),
+            "firmware": ",".join(env.firmware) or ("local disk" if env.local_boot else ""),
+            "files": ",".join(env.templates), "artifacts": ",".join(a.name for a in env.artifacts),
+            "images": "missing: " + ",".join(missing) if missing else "ok",
+            "description": " ".join(env.description.split()),
+        })
+    return rows
+
+
+def profile_rows(session: Session) -> list[dict[str, Any]]:
+    """Profiles with their params (values included: params are not credentials)."""
+    from appliance.profiles import list_profiles
+
+    return [{"name": p.name, "description": p.description or "", "params": dict(p.params or {})}
+            for p in list_profiles(session)]

@@ -1,7 +1,8 @@
-"""Read side of the JSON API: machines (paginated, filtered), one machine in full, and
-events; on the ``api`` blueprint of :mod:`appliance.web.api`, so the same
-authentication and error handling apply. Lists come from :mod:`appliance.listing`, the
-functions the web UI and the CLI use.
+"""Read side of the JSON API: machines (paginated, filtered), one machine in full,
+events, subnets, reservations, leases, bootenvs and profiles; on the ``api`` blueprint
+of :mod:`appliance.web.api`, so the same authentication and error handling apply. Lists
+come from :mod:`appliance.listing` and :mod:`appliance.inventory`, the functions the web
+UI and the CLI use.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from typing import Any
 from flask import Response, jsonify, request
 
 from appliance import listing
-from appliance.inventory import as_dict, list_events
+from appliance.inventory import (
+    as_dict,
+    list_events,
+    list_leases,
+    list_reservations,
+    list_subnets,
+)
 from appliance.models import Lease, Machine
 from appliance.power import control
 from appliance.web import state
@@ -89,3 +96,36 @@ def get_events() -> Response:
     with state().db.session() as session:
         mac = _machine(session, ident).mac if ident else None
         return jsonify(items=[_event_row(e) for e in list_events(session, mac, limit)])
+
+
+@api.get("/subnets")
+def get_subnets() -> Response:
+    with state().db.session() as session:
+        return jsonify(items=[as_dict(s) for s in list_subnets(session)])
+
+
+@api.get("/reservations")
+def get_reservations() -> Response:
+    with state().db.session() as session:
+        return jsonify(items=[as_dict(r) for r in list_reservations(session)])
+
+
+@api.get("/leases")
+def get_leases() -> Response:
+    """Query: ``all=1`` includes released, expired and declined leases."""
+    include_all = request.args.get("all", "") in ("1", "true", "yes")
+    with state().db.session() as session:
+        return jsonify(items=[as_dict(lease) for lease in list_leases(session, include_all)])
+
+
+@api.get("/bootenvs")
+def get_bootenvs() -> Response:
+    st = state()
+    return jsonify(items=listing.bootenv_rows(st.catalog, st.config.images_dir),
+                   refused=list(st.catalog.errors))
+
+
+@api.get("/profiles")
+def get_profiles() -> Response:
+    with state().db.session() as session:
+        return jsonify(items=listing.profile_rows(session))

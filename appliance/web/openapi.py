@@ -219,6 +219,26 @@ PATHS: dict[str, Any] = {
 }
 
 
+def _items(description: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"items": [objects]}``: rows of a table, columns as the CLI's ``--json`` has them."""
+    return {"200": _json({"type": "object", "required": ["items"],
+                          "properties": {"items": {"type": "array", "items": ANY_OBJECT},
+                                         **(extra or {})}}, description)}
+
+
+PATHS.update({
+    "/subnets": {"get": _op("subnets", _items("subnets"))},
+    "/reservations": {"get": _op("reservations", _items("reservations"))},
+    "/leases": {"get": _op("DHCP leases", _items("leases"), params=[
+        _query("all", {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"]},
+               "1: also released, expired and declined leases")])},
+    "/bootenvs": {"get": _op("boot environments and whether their images are present",
+                             _items("bootenvs", {"refused": {
+                                 "type": "array", "items": {"type": "string"}}}))},
+    "/profiles": {"get": _op("profiles and their params", _items("profiles"))},
+})
+
+
 def document() -> dict[str, Any]:
     return {
         "openapi": "3.0.3",

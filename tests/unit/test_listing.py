@@ -113,6 +113,14 @@ def test_the_api_lists_pages_and_shows_one_machine_without_credentials(env) -> N
     r = client.get("/api/v1/events?machine=node000&limit=1")
     assert [e["kind"] for e in r.json["items"]] == ["new"]
     assert client.get("/api/v1/events?limit=0").status_code == 400
+    assert [s["network"] for s in client.get("/api/v1/subnets").json["items"]] == \
+        ["10.9.0.0/16"]
+    assert [r["ip"] for r in client.get("/api/v1/reservations").json["items"]] == ["10.9.0.2"]
+    assert [x["ip"] for x in client.get("/api/v1/leases").json["items"]] == ["10.9.1.1"]
+    assert len(client.get("/api/v1/leases?all=1").json["items"]) == 2
+    bootenvs = {b["name"]: b for b in client.get("/api/v1/bootenvs").json["items"]}
+    assert bootenvs["local"]["installs"] is False and bootenvs["debian-12"]["installs"]
+    assert client.get("/api/v1/profiles").json["items"] == []
 
 
 def test_the_cli_lists_through_the_same_function(env, capsys: pytest.CaptureFixture[str],

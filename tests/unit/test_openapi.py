@@ -84,3 +84,18 @@ def test_the_document_needs_no_login(tmp_path: Path) -> None:
     c = create_app(config, db).test_client()
     assert c.get("/api/v1/openapi.json").status_code == 200
     assert c.get("/api/v1/machines").status_code == 401
+
+
+def test_every_plain_get_answers_by_its_documented_schema(client) -> None:  # type: ignore[no-untyped-def]
+    _, c = client
+    doc = document()
+    checked = []
+    for path, ops in doc["paths"].items():
+        if "{" in path or "get" not in ops:
+            continue
+        r = c.get(f"/api/v1{path}")
+        assert r.status_code == 200, (path, r.json)
+        schema = ops["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        OAS30Validator({**schema, "components": doc["components"]}).validate(r.json)
+        checked.append(path)
+    assert {"/machines", "/events", "/subnets", "/leases", "/bootenvs"} <= set(checked)
