@@ -45,7 +45,8 @@ class MachineFilter:
         return self
 
 
-def _iso(value: Any) -> str | None:
+def iso(value: Any) -> str | None:
+    """A datetime as ISO 8601 text; None stays None."""
     return value.isoformat() if value is not None else None
 
 
@@ -99,8 +100,8 @@ def summaries(session: Session, machines: list[Machine]) -> list[dict[str, Any]]
             "bootenv": m.bootenv, "address": leased.get(m.mac) or reserved.get(m.mac),
             "power_state": m.power_state, "bmc": m.bmc_driver, "arch": m.arch,
             "seen_on": m.seen_on,
-            "state_reason": m.state_reason, "last_seen_at": _iso(m.last_seen_at),
-            "last_event": {"at": _iso(event.at), "kind": event.kind, "actor": event.actor,
+            "state_reason": m.state_reason, "last_seen_at": iso(m.last_seen_at),
+            "last_event": {"at": iso(event.at), "kind": event.kind, "actor": event.actor,
                            "message": event.message} if event else None,
         })
     return rows

@@ -117,8 +117,9 @@ class ApplianceProcess:
     def api_token(self) -> str:
         """An API token of user ``tester`` (made with the CLI the first time)."""
         if self._api_token is None:
-            self.cli("user", "add", "tester", "--password-stdin",
-                     input="correct horse battery\n")
+            from tests.apiauth import PASSWORD
+
+            self.cli("user", "add", "tester", "--password-stdin", input=PASSWORD + "\n")
             self._api_token = self.cli("token", "create", "tester").stdout.strip()
         return self._api_token
 

@@ -37,10 +37,6 @@ def _int_arg(name: str, default: int) -> int:
         raise ApiError(400, f"{name}: expected an integer, got {raw[:40]!r}") from None
 
 
-def _iso(value: Any) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
 def _event_row(event: Any) -> dict[str, Any]:
     row = as_dict(event)
     row["mac"] = event.machine.mac if event.machine else None
@@ -68,13 +64,13 @@ def machine_detail(session: Any, machine: Machine) -> dict[str, Any]:
     (summary,) = listing.summaries(session, [machine])
     leases = session.query(Lease).filter(Lease.mac == machine.mac) \
         .order_by(Lease.updated_at.desc()).limit(20).all()
-    return {**summary, "first_seen_at": _iso(machine.first_seen_at),
+    return {**summary, "first_seen_at": listing.iso(machine.first_seen_at),
             "profiles": list(machine.profiles or []), "params": dict(machine.params or {}),
             "instance_id": machine.instance_id, "deployment": machine.deployment,
             "contract": machine.contract, "ssh_host_keys": machine.ssh_host_keys,
-            "phase_deadline": _iso(machine.phase_deadline),
+            "phase_deadline": listing.iso(machine.phase_deadline),
             "bmc": control.bmc_summary(machine) if machine.bmc_driver else None,
-            "power_checked_at": _iso(machine.power_checked_at),
+            "power_checked_at": listing.iso(machine.power_checked_at),
             "power_error": machine.power_error,
             "leases": [as_dict(lease) for lease in leases]}
 
