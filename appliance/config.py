@@ -41,6 +41,9 @@ class HttpConfig:
     #: Comma-separated networks whose clients may use the JSON API (``/api/v1``), on top
     #: of its authentication (an API token or a login session; there is no default user).
     api_networks: str = "0.0.0.0/0,::/0"
+    #: Comma-separated networks whose clients may read ``/metrics`` (Prometheus). Only
+    #: this box by default: the provisioning network must not read it. Empty: nobody.
+    metrics_networks: str = "127.0.0.0/8,::1"
 
 
 @dataclass
@@ -205,13 +208,14 @@ class Config:
             raise ConfigError("tftp.max_blksize: must be between 8 and 65464")
         if self.tftp.timeout <= 0 or self.tftp.retries < 0:
             raise ConfigError("tftp.timeout must be positive and tftp.retries not negative")
-        for part in self.http.api_networks.split(","):
-            try:
-                if part.strip():
-                    ipaddress.ip_network(part.strip(), strict=False)
-            except ValueError:
-                raise ConfigError(f"http.api_networks: {part.strip()!r} is not a network") \
-                    from None
+        for setting in ("api_networks", "metrics_networks"):
+            for part in getattr(self.http, setting).split(","):
+                try:
+                    if part.strip():
+                        ipaddress.ip_network(part.strip(), strict=False)
+                except ValueError:
+                    raise ConfigError(f"http.{setting}: {part.strip()!r} is not a network") \
+                        from None
         if not 0 < self.auth.session_hours <= 24 * 90:
             raise ConfigError("auth.session_hours: must be more than 0 and at most 2160 "
                               "(90 days)")

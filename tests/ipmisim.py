@@ -117,10 +117,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from appliance.power.driver import BmcAccess
 from tests.netns import Namespace
+
+if TYPE_CHECKING:
+    from tests.conftest import ApplianceProcess
 
 USER = "admin"
 DEFAULT_PASSWORD = "sim-Passw0rd"
@@ -669,6 +672,16 @@ def stop_fleet(bmcs: Sequence[SimBmc], timeout: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             pass
         b.stop(timeout=1.0)
+
+
+def enroll(app: ApplianceProcess, name: str, mac: str, port: int, password: str,
+           timeout: float = 120) -> None:
+    """Register machine ``name`` (``mac``) with the appliance and give it the IPMI BMC at
+    127.0.0.1:``port`` (user ``admin``, ``password``): through the CLI, as an operator
+    would. ``port`` may be a simulator's or a :class:`tests.bmcfault.FaultProxy`'s."""
+    app.cli("machine", "add", mac, "--hostname", name, timeout=timeout)
+    app.cli("machine", "bmc", name, "--address", HOST, "--port", str(port), "--username",
+            USER, "--password-stdin", input=password + "\n", timeout=timeout)
 
 
 @contextmanager

@@ -25,6 +25,7 @@ packages=(
   xorriso util-linux                                           # ISO import tests, logger
   openipmi ipmitool openssl                                    # BMC simulator, client, certs
   openssh-server openssh-client                                # SSH contract check and peer
+  chromium chromium-driver                                     # web UI browser test
 )
 export DEBIAN_FRONTEND=noninteractive
 # Packages with services (tftpd-hpa, kea, postgresql) must not start them on the host:

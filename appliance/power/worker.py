@@ -35,6 +35,7 @@ from appliance.models import Machine, PowerRequest, utcnow
 from appliance.power.calls import CallOutcome, CallPolicy, run_call, wait_for_stragglers
 from appliance.power.control import PowerError, bmc_access, machine_label, persistence
 from appliance.power.driver import CONFIG, BmcAccess, BmcError
+from appliance.power.stats import POLL, REQUEST, CallStats
 from appliance.stopsignals import stop_on_signals
 
 log = logging.getLogger("appliance.power")
@@ -82,6 +83,8 @@ class PowerWorker:
         self.lock = threading.Lock()
         self.next_poll: dict[int, float] = {}
         self.futures: set[Future[None]] = set()
+        #: Counts and durations of the calls made, published with the heartbeat.
+        self.stats = CallStats()
         #: Set when a call ends, so the loop claims the next request at once.
         self.wake = threading.Event()
         #: Abandoned attempts that outlived the straggler wait, with when they were
@@ -183,10 +186,13 @@ class PowerWorker:
             return exc
 
     def _call(self, access: BmcAccess | PowerError, operation: str,
-              args: dict[str, Any]) -> CallOutcome:
+              args: dict[str, Any], source: str = REQUEST) -> CallOutcome:
         if isinstance(access, PowerError):
-            return CallOutcome(ok=False, error=BmcError(CONFIG, str(access)))
-        return run_call(access, operation, args, self.policy)
+            outcome = CallOutcome(ok=False, error=BmcError(CONFIG, str(access)))
+        else:
+            outcome = run_call(access, operation, args, self.policy)
+        self.stats.observe(source, operation, outcome)
+        return outcome
 
     def _run_request(self, request_id: int, machine_id: int) -> None:
         try:
@@ -310,7 +316,7 @@ class PowerWorker:
                 if machine is None or not machine.bmc_driver:
                     return
                 access = self._access(machine)
-            outcome = self._call(access, "status", {})
+            outcome = self._call(access, "status", {}, source=POLL)
             self._record_poll(machine_id, outcome)
             self._settle(outcome, machine_id)
         except Exception:  # noqa: BLE001
@@ -351,7 +357,8 @@ class PowerWorker:
                 if now >= next_beat:
                     next_beat = now + HEARTBEAT_INTERVAL
                     publish_counters(self.db, "power", {"heartbeat": int(time.time()),
-                                                        "in_flight": self.in_flight()})
+                                                        "in_flight": self.in_flight(),
+                                                        **self.stats.snapshot()})
                 self.claim_and_submit()
                 self.poll_due(time.monotonic())
                 stuck = self.wedged_for(time.monotonic())

@@ -47,6 +47,7 @@ def create_app(config: Config | None = None, db: Database | None = None) -> Flas
     from appliance.web.boot import boot
     from appliance.web.install import install
     from appliance.web.metadata import metadata
+    from appliance.web.metrics import metrics
     from appliance.web.ui import ui
 
     app.register_blueprint(boot)
@@ -54,6 +55,7 @@ def create_app(config: Config | None = None, db: Database | None = None) -> Flas
     app.register_blueprint(api)
     app.register_blueprint(metadata)
     app.register_blueprint(ui)
+    app.register_blueprint(metrics)
     return app
 
 

@@ -24,7 +24,7 @@ import pytest
 from tests import netns
 from tests.bmcfault import FaultProxy
 from tests.conftest import ApplianceProcess, require_root
-from tests.ipmisim import SimBmc, running_fleet
+from tests.ipmisim import SimBmc, enroll, running_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -77,9 +77,7 @@ class PowerRig:
         return self.app.cli(*args, check=check, input=input, timeout=120)
 
     def enroll(self, name: str, mac: str, port: int, password: str) -> None:
-        self.cli("machine", "add", mac, "--hostname", name)
-        self.cli("machine", "bmc", name, "--address", "127.0.0.1", "--port", str(port),
-                 "--username", "admin", "--password-stdin", input=password + "\n")
+        enroll(self.app, name, mac, port, password)
 
     def request(self, request_id: int) -> dict:
         body = self.app.http_get(f"http://127.0.0.1:8080/api/v1/power-requests/{request_id}",
