@@ -24,6 +24,10 @@ class ListingError(ValueError):
     """A filter or page value refused (the message names the field)."""
 
 
+#: Far beyond any fleet; keeps the value inside SQL's 64-bit integers.
+MAX_OFFSET = 2 ** 31
+
+
 @dataclass(frozen=True)
 class MachineFilter:
     #: One of the lifecycle states, or empty for all.
@@ -40,8 +44,8 @@ class MachineFilter:
             raise ListingError(f"q: at most {MAX_QUERY} characters")
         if not 1 <= self.limit <= MAX_LIMIT:
             raise ListingError(f"limit: 1 to {MAX_LIMIT}")
-        if self.offset < 0:
-            raise ListingError("offset: 0 or more")
+        if not 0 <= self.offset <= MAX_OFFSET:
+            raise ListingError(f"offset: 0 to {MAX_OFFSET}")
         return self
 
 

@@ -17,6 +17,7 @@ import ipaddress
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from appliance.inventory import as_dict
 from appliance.lifecycle import operations
@@ -60,6 +61,26 @@ def _forbidden(exc: auth.Forbidden) -> tuple[Response, int]:
     return jsonify(error=str(exc)), 403
 
 
+@api.app_errorhandler(404)
+@api.app_errorhandler(405)
+def _json_routing_error(exc: HTTPException) -> Response | HTTPException:
+    """Under /api/v1 a path or method that matches no route is JSON too (elsewhere the
+    usual page): no route is also no blueprint, so the api's own handlers miss it."""
+    if not request.path.startswith(api.url_prefix or "/api/v1"):
+        return exc
+    if exc.code == 405:
+        response = jsonify(error=f"method {request.method} is not allowed on "
+                                 f"{request.path}")
+        for name, value in exc.get_headers():  # keeps werkzeug's Allow header
+            if name.lower() == "allow":
+                response.headers["Allow"] = value
+        response.status_code = 405
+        return response
+    response = jsonify(error=f"no such API path: {request.path}")
+    response.status_code = 404
+    return response
+
+
 @api.get("/openapi.json")
 def openapi_document() -> Response:
     from appliance.web import openapi
@@ -98,10 +119,21 @@ def _actor() -> str:
     return auth.actor()
 
 
-def _body() -> dict[str, Any]:
+def _body(optional: bool = False) -> dict[str, Any]:
+    """The JSON object sent; ``optional``: no body at all counts as ``{}``."""
+    if optional and not request.get_data(cache=True):
+        return {}
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise ApiError(400, "body: expected a JSON object (Content-Type: application/json)")
+    return body
+
+
+def _only(body: dict[str, Any], *allowed: str) -> dict[str, Any]:
+    """``body`` if it has no field outside ``allowed``; else 400 naming the first."""
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise ApiError(400, f"{unknown[0][:60]}: unknown field")
     return body
 
 
@@ -114,11 +146,11 @@ def _machine(session: Any, ident: str) -> Machine:
 
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...],
            required: bool = True) -> Any:
-    value = body.get(name)
-    if value is None:
+    if name not in body:
         if required:
             raise ApiError(400, f"{name}: required")
         return None
+    value = body[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ApiError(400, f"{name}: expected {getattr(kind, '__name__', kind)}, "
                             f"got {type(value).__name__}")
@@ -133,11 +165,8 @@ def get_bmc(ident: str) -> Response:
 
 @api.put("/machines/<ident>/bmc")
 def put_bmc(ident: str) -> Response:
-    body = _body()
-    unknown = sorted(set(body) - {"driver", "address", "port", "username", "password",
-                                  "verify_tls", "system_id"})
-    if unknown:
-        raise ApiError(400, f"{unknown[0]}: unknown field")
+    body = _only(_body(), "driver", "address", "port", "username", "password", "verify_tls",
+                 "system_id")
     settings = control.BmcSettings(
         driver=_field(body, "driver", str, required=False) or "ipmi",
         address=_field(body, "address", str), username=_field(body, "username", str),
@@ -176,7 +205,7 @@ def _queue(ident: str, operation: str, args: dict[str, Any]) -> tuple[Response, 
 
 @api.post("/machines/<ident>/power")
 def post_power(ident: str) -> tuple[Response, int]:
-    action = _field(_body(), "action", str)
+    action = _field(_only(_body(), "action"), "action", str)
     if action == "status":
         return _queue(ident, "status", {})
     return _queue(ident, "power", {"action": action})
@@ -184,7 +213,7 @@ def post_power(ident: str) -> tuple[Response, int]:
 
 @api.post("/machines/<ident>/boot")
 def post_boot(ident: str) -> tuple[Response, int]:
-    body = _body()
+    body = _only(_body(), "device", "persistent", "mode")
     return _queue(ident, "boot", {
         "device": _field(body, "device", str),
         "persistent": bool(_field(body, "persistent", bool, required=False)),
@@ -193,14 +222,15 @@ def post_boot(ident: str) -> tuple[Response, int]:
 
 @api.post("/machines/<ident>/identify")
 def post_identify(ident: str) -> tuple[Response, int]:
-    on = _field(_body(), "on", bool, required=False)
+    on = _field(_only(_body(optional=True), "on"), "on", bool, required=False)
     return _queue(ident, "identify", {"on": True if on is None else on})
 
 
 @api.get("/power-requests/<int:request_id>")
 def get_power_request(request_id: int) -> Response:
     with state().db.session() as session:
-        req = session.get(PowerRequest, request_id)
+        # An id past the database's 64-bit keys cannot exist (and must not reach SQL).
+        req = session.get(PowerRequest, request_id) if request_id < 2 ** 63 else None
         if req is None:
             raise ApiError(404, f"power request {request_id} does not exist")
         return jsonify(as_dict(req))
@@ -226,10 +256,7 @@ def post_reimage(ident: str) -> tuple[Response, int]:
     """Body: ``bootenv`` (required), ``params`` (object), ``profiles`` (list), ``reason``."""
     from appliance.profiles import check_values
 
-    body = _body()
-    unknown = sorted(set(body) - {"bootenv", "params", "profiles", "reason"})
-    if unknown:
-        raise ApiError(400, f"{unknown[0]}: unknown field")
+    body = _only(_body(), "bootenv", "params", "profiles", "reason")
     bootenv = _field(body, "bootenv", str)
     values = _field(body, "params", dict, required=False) or {}
     profiles = _field(body, "profiles", list, required=False)
@@ -260,13 +287,12 @@ def post_accept(ident: str) -> Response:
 
 @api.post("/machines/<ident>/decommission")
 def post_decommission(ident: str) -> Response:
-    body = request.get_json(silent=True) or {}
-    if not isinstance(body, dict):
-        raise ApiError(400, "body: expected a JSON object")
+    body = _only(_body(optional=True), "reason", "power_off")
+    reason = _field(body, "reason", str, required=False) or ""
+    power_off = _field(body, "power_off", bool, required=False) is not False
     st = state()
     with st.db.session() as session:
         machine = _machine(session, ident)
         operations.decommission(st.config, session, machine, actor=_actor(),
-                                reason=str(body.get("reason") or ""),
-                                power_off=body.get("power_off", True) is not False)
+                                reason=reason, power_off=power_off)
         return jsonify(_lifecycle_view(machine))

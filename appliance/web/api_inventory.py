@@ -29,12 +29,23 @@ MAX_EVENTS = 1000
 
 def _int_arg(name: str, default: int) -> int:
     raw = request.args.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         return int(raw)
     except ValueError:
         raise ApiError(400, f"{name}: expected an integer, got {raw[:40]!r}") from None
+
+
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
+def _bool_arg(name: str) -> bool:
+    values = request.args.getlist(name)
+    if len(values) > 1 or (values and values[0].lower() not in _TRUE + _FALSE):
+        raise ApiError(400, f"{name}: expected one of 1, 0, true, false, yes, no; got "
+                            f"{', '.join(v[:20] for v in values)!r}")
+    return bool(values) and values[0].lower() in _TRUE
 
 
 def _event_row(event: Any) -> dict[str, Any]:
@@ -109,7 +120,7 @@ def get_reservations() -> Response:
 @api.get("/leases")
 def get_leases() -> Response:
     """Query: ``all=1`` includes released, expired and declined leases."""
-    include_all = request.args.get("all", "") in ("1", "true", "yes")
+    include_all = _bool_arg("all")
     with state().db.session() as session:
         return jsonify(items=[as_dict(lease) for lease in list_leases(session, include_all)])
 

@@ -11,7 +11,7 @@ from typing import Any
 from flask import Response, jsonify
 
 from appliance.lifecycle.states import STATES
-from appliance.listing import MAX_LIMIT
+from appliance.listing import MAX_LIMIT, MAX_OFFSET
 from appliance.power.calls import DRIVERS
 from appliance.power.driver import BOOT_DEVICES, BOOT_MODES, POWER_ACTIONS
 
@@ -40,24 +40,26 @@ IDENT = {"name": "ident", "in": "path", "required": True, "schema": {"type": "st
          "description": "the machine's MAC or hostname"}
 COMMON = (400, 401, 403)
 
+MACHINE_SUMMARY: dict[str, Any] = {
+    "type": "object",
+    "required": ["mac", "hostname", "state", "phase", "bootenv", "address",
+                 "power_state", "last_event"],
+    "properties": {
+        "mac": {"type": "string"}, "hostname": _nullable("string"),
+        "state": {"type": "string", "enum": list(STATES)}, "phase": _nullable("string"),
+        "bootenv": {"type": "string"}, "address": _nullable("string"),
+        "power_state": _nullable("string"), "bmc": _nullable("string"),
+        "arch": _nullable("string"), "seen_on": _nullable("string"),
+        "state_reason": _nullable("string"), "last_seen_at": _nullable("string"),
+        "last_event": _ref("LastEvent")}}
+
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"],
               "properties": {"error": {"type": "string"}}},
     "LastEvent": {"type": "object", "nullable": True,
                   "properties": {"at": {"type": "string"}, "kind": {"type": "string"},
                                  "actor": {"type": "string"}, "message": {"type": "string"}}},
-    "MachineSummary": {
-        "type": "object",
-        "required": ["mac", "hostname", "state", "phase", "bootenv", "address",
-                     "power_state", "last_event"],
-        "properties": {
-            "mac": {"type": "string"}, "hostname": _nullable("string"),
-            "state": {"type": "string", "enum": list(STATES)}, "phase": _nullable("string"),
-            "bootenv": {"type": "string"}, "address": _nullable("string"),
-            "power_state": _nullable("string"), "bmc": _nullable("string"),
-            "arch": _nullable("string"), "seen_on": _nullable("string"),
-            "state_reason": _nullable("string"), "last_seen_at": _nullable("string"),
-            "last_event": _ref("LastEvent")}},
+    "MachineSummary": MACHINE_SUMMARY,
     "MachinePage": {
         "type": "object", "required": ["items", "total", "limit", "offset", "states"],
         "properties": {
@@ -71,9 +73,10 @@ SCHEMAS: dict[str, Any] = {
                            "password_set": {"type": "boolean"},
                            "verify_tls": _nullable("boolean"),
                            "system_id": _nullable("string")}},
-    "MachineDetail": {"allOf": [_ref("MachineSummary"), {
-        "type": "object",
+    "MachineDetail": {  # the summary's fields, but ``bmc`` is the settings in full
+        "type": "object", "required": MACHINE_SUMMARY["required"],
         "properties": {
+            **MACHINE_SUMMARY["properties"],
             "first_seen_at": _nullable("string"),
             "profiles": {"type": "array", "items": {"type": "string"}},
             "params": ANY_OBJECT, "instance_id": _nullable("string"),
@@ -81,7 +84,7 @@ SCHEMAS: dict[str, Any] = {
             "ssh_host_keys": _nullable("object"), "phase_deadline": _nullable("string"),
             "bmc": _ref("Bmc"), "power_checked_at": _nullable("string"),
             "power_error": _nullable("string"),
-            "leases": {"type": "array", "items": ANY_OBJECT}}}]},
+            "leases": {"type": "array", "items": ANY_OBJECT}}},
     "Event": {"type": "object", "required": ["id", "at", "actor", "kind", "message"],
               "properties": {"id": {"type": "integer"}, "at": {"type": "string"},
                              "machine_id": _nullable("integer"), "mac": _nullable("string"),
@@ -151,7 +154,8 @@ PATHS: dict[str, Any] = {
                    "MAC, hostname or bootenv contains"),
             _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
                    "page size"),
-            _query("offset", {"type": "integer", "minimum": 0}, "rows to skip")])},
+            _query("offset", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
+                   "rows to skip")])},
     "/machines/{ident}": {"get": _op(
         "one machine in full", {"200": _json(_ref("MachineDetail"), "the machine")},
         params=[IDENT], errors=MACHINE_ERRORS)},

@@ -99,3 +99,32 @@ def test_every_plain_get_answers_by_its_documented_schema(client) -> None:  # ty
         OAS30Validator({**schema, "components": doc["components"]}).validate(r.json)
         checked.append(path)
     assert {"/machines", "/events", "/subnets", "/leases", "/bootenvs"} <= set(checked)
+
+
+def test_api_errors_are_json_naming_the_field(client) -> None:  # type: ignore[no-untyped-def]
+    _, c = client
+    r = c.get("/api/v1/no-such-thing")
+    assert r.status_code == 404 and r.json == {"error": "no such API path: /api/v1/no-such-thing"}
+    r = c.delete("/api/v1/machines")
+    assert r.status_code == 405 and "DELETE" in r.json["error"]
+    assert "GET" in r.headers["Allow"]
+    assert c.get("/no-such-page").content_type.startswith("text/html")  # not the API
+    for path, body, field in [
+            ("/api/v1/machines/n1/power", {"action": "on", "extra": 1}, "extra: unknown field"),
+            ("/api/v1/machines/n1/boot", {"device": "pxe", "persistent": None},
+             "persistent: expected bool, got NoneType"),
+            ("/api/v1/machines/n1/identify", {"on": None}, "on: expected bool"),
+            ("/api/v1/machines/n1/decommission", {"reason": None}, "reason: expected str")]:
+        r = c.post(path, json=body)
+        assert r.status_code == 400 and r.json["error"].startswith(field), (path, r.json)
+    r = c.post("/api/v1/machines/n1/decommission", data="null",
+               content_type="application/json")
+    assert r.status_code == 400 and r.json["error"].startswith("body:")
+    assert c.post("/api/v1/machines/n1/identify").status_code == 400  # no BMC, but no body is fine
+    assert "BMC" in c.post("/api/v1/machines/n1/identify").json["error"]
+    for query, field in [("all=maybe", "all:"), ("all=", "all:")]:
+        r = c.get(f"/api/v1/leases?{query}")
+        assert r.status_code == 400 and r.json["error"].startswith(field)
+    for query in ("offset=", f"offset={2 ** 40}", "limit=0"):
+        assert c.get(f"/api/v1/machines?{query}").status_code == 400, query
+    assert c.get(f"/api/v1/power-requests/{2 ** 70}").status_code == 404
