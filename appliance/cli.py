@@ -133,7 +133,9 @@ def cmd_events(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_counters(args: argparse.Namespace, config: Config) -> int:
-    counters = read_counters(Database(config.effective_database_url))
+    from appliance.web.request_counts import workers_summed
+
+    counters = workers_summed(read_counters(Database(config.effective_database_url)))
     if args.json:
         print(json.dumps(counters, indent=2))
     else:

@@ -176,6 +176,17 @@ def stop_in_worker(app: Flask | None) -> None:
         parts[0].stop_publisher(parts[1])
 
 
+def workers_summed(counters: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """``counters`` (as read_counters gives them) with the ``http-<pid>`` rows added up
+    into one part ``http``: what an operator asks for, not one row per worker."""
+    merged: dict[str, dict[str, int]] = {}
+    for part, values in counters.items():
+        target = merged.setdefault("http" if part.startswith(PART_PREFIX) else part, {})
+        for name, value in values.items():
+            target[name] = target.get(name, 0) + value
+    return merged
+
+
 def forget_workers(db: Database) -> int:
     """Delete every ``http-*`` row (the HTTP part calls this as it starts)."""
     with db.session() as session:

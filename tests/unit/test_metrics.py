@@ -377,3 +377,10 @@ def test_metrics_networks_setting(tmp_path: Path) -> None:
         load_config(env={"APPLIANCE_HTTP_METRICS_NETWORKS": "127.0.0.1,nope"})
     shipped = (Path(__file__).parents[2] / "systemd" / "appliance.toml").read_text()
     assert '# metrics_networks = "127.0.0.0/8,::1"' in shipped
+
+
+def test_cli_counters_sum_the_workers() -> None:
+    summed = request_counts.workers_summed({
+        "http-10": {"boot_2xx": 2, "api_4xx": 1}, "http-11": {"boot_2xx": 3},
+        "dhcp": {"received": 4}})
+    assert summed == {"http": {"boot_2xx": 5, "api_4xx": 1}, "dhcp": {"received": 4}}
