@@ -9,10 +9,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from appliance import __version__, inventory, profiles
+from appliance import __version__, inventory, profiles, tables
 from appliance.config import Config, ConfigError, load_config
 from appliance.db import Database, current_revision, read_counters
 from appliance.render import RenderError
+from appliance.tables import table as _table
 
 if TYPE_CHECKING:
     from appliance.catalog import Catalog
@@ -27,19 +28,9 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    if not rows:
-        return "(none)"
-    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def _print(args: argparse.Namespace, rows: list[dict[str, Any]], columns: list[str]) -> None:
     if getattr(args, "json", False):
-        print(json.dumps(rows, indent=2, default=str))
+        print(tables.dumps(rows))
     else:
         print(_table(rows, columns))
 
@@ -81,8 +72,7 @@ def cmd_subnet(args: argparse.Namespace, config: Config) -> int:
             print(f"subnet {args.network} deleted")
         else:
             rows = [inventory.as_dict(s) for s in inventory.list_subnets(session)]
-            _print(args, rows, ["network", "pool_start", "pool_end", "router", "dns_servers",
-                                "lease_seconds", "next_server"])
+            _print(args, rows, tables.SUBNETS)
     return 0
 
 
@@ -97,7 +87,7 @@ def cmd_reservation(args: argparse.Namespace, config: Config) -> int:
             print(f"reservation of {args.mac} deleted")
         else:
             rows = [inventory.as_dict(r) for r in inventory.list_reservations(session)]
-            _print(args, rows, ["mac", "ip", "hostname"])
+            _print(args, rows, tables.RESERVATIONS)
     return 0
 
 
@@ -107,8 +97,7 @@ def cmd_machines(args: argparse.Namespace, config: Config) -> int:
     db = Database(config.effective_database_url)
     with db.session() as session:
         rows = all_machines(session, state=args.state, q=args.search)
-    _print(args, rows, ["mac", "hostname", "state", "phase", "bootenv", "address",
-                        "power_state", "arch", "seen_on", "last_seen_at"])
+    _print(args, rows, tables.MACHINES)
     return 0
 
 
@@ -116,7 +105,7 @@ def cmd_leases(args: argparse.Namespace, config: Config) -> int:
     db = Database(config.effective_database_url)
     with db.session() as session:
         rows = [inventory.as_dict(x) for x in inventory.list_leases(session, args.all)]
-    _print(args, rows, ["ip", "mac", "state", "hostname", "expires_at"])
+    _print(args, rows, tables.LEASES)
     return 0
 
 
@@ -128,7 +117,7 @@ def cmd_events(args: argparse.Namespace, config: Config) -> int:
             row = inventory.as_dict(e)
             row["mac"] = e.machine.mac if e.machine else None
             rows.append(row)
-    _print(args, rows, ["at", "mac", "actor", "kind", "message"])
+    _print(args, rows, tables.EVENTS)
     return 0
 
 
@@ -213,12 +202,7 @@ def cmd_machine(args: argparse.Namespace, config: Config) -> int:
         except ValueError as exc:
             row["effective_params"] = None
             row["params_error"] = str(exc)
-    if args.json:
-        print(json.dumps(row, indent=2, default=str))
-    else:
-        for key, value in row.items():
-            shown = json.dumps(value) if isinstance(value, dict | list) else value
-            print(f"{key + ':':22} {'' if shown is None else shown}")
+    print(tables.dumps(row) if args.json else tables.record(row))
     return 0
 
 
@@ -238,9 +222,10 @@ def cmd_profile(args: argparse.Namespace, config: Config) -> int:
             row = inventory.as_dict(profiles.get_profile(session, args.name))
             print(json.dumps(row, indent=2, default=str))
         else:
-            rows = [{**inventory.as_dict(p), "params": ", ".join(sorted(p.params or {}))}
-                    for p in profiles.list_profiles(session)]
-            _print(args, rows, ["name", "description", "params"])
+            from appliance.listing import profile_rows
+
+            rows = profile_rows(session)
+            print(tables.dumps(rows) if args.json else tables.profile_table(rows))
     return 0
 
 
@@ -283,7 +268,7 @@ def cmd_bootenvs(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps({"bootenvs": rows, "refused": catalog.errors}, indent=2))
     else:
-        print(_table(rows, ["name", "os", "firmware", "files", "artifacts", "images"]))
+        print(_table(rows, tables.BOOTENVS))
     return 1 if catalog.errors else 0
 
 
@@ -305,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="configuration file (default: $APPLIANCE_CONFIG or "
                         "/etc/appliance/appliance.toml)")
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    from appliance.remote import options as remote_options
+
+    remote_options.register(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
@@ -426,7 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from appliance.remote import options as remote_options
+
     args = build_parser().parse_args(argv)
+    args.json = bool(getattr(args, "json", False) or args.global_json)
+    remote = remote_options.run_remote(args)  # over the API: no local config or database
+    if remote is not None:
+        return remote
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -42,7 +42,10 @@ def create_app(config: Config | None = None, db: Database | None = None) -> Flas
     auth.init_app(app, config.state_dir, session_hours=config.auth.session_hours,
                   secure_cookies=config.auth.secure_cookies)
 
-    from appliance.web import api_inventory  # noqa: F401 - adds its routes to the api blueprint
+    from appliance.web import (
+        api_inventory,  # noqa: F401 - adds its routes to the api blueprint
+        api_manage,  # noqa: F401 - adds its write routes
+    )
     from appliance.web.api import api
     from appliance.web.boot import boot
     from appliance.web.install import install

@@ -39,6 +39,8 @@ ANY_OBJECT: dict[str, Any] = {"type": "object", "additionalProperties": True}
 IDENT = {"name": "ident", "in": "path", "required": True, "schema": {"type": "string"},
          "description": "the machine's MAC or hostname"}
 COMMON = (400, 401, 403)
+PROFILE_NAME = {"name": "name", "in": "path", "required": True,
+                "schema": {"type": "string"}}
 
 MACHINE_SUMMARY: dict[str, Any] = {
     "type": "object",
@@ -240,6 +242,49 @@ PATHS.update({
                              _items("bootenvs", {"refused": {
                                  "type": "array", "items": {"type": "string"}}}))},
     "/profiles": {"get": _op("profiles and their params", _items("profiles"))},
+})
+
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+_DELETED = {"200": _json({"type": "object", "required": ["deleted"],
+                          "properties": {"deleted": {"type": "string"}}}, "deleted")}
+_PROFILE = {"type": "object", "required": ["name", "params"],
+            "properties": {"name": {"type": "string"}, "description": {"type": "string"},
+                           "params": ANY_OBJECT}}
+PATHS["/subnets"]["post"] = _op("add a subnet", {"201": _json(ANY_OBJECT, "added")},
+                                body=_body({"network": {"type": "string"},
+                                            "pool": {"type": "string"},
+                                            "router": {"type": "string"}, "dns": _STRINGS,
+                                            "domain": {"type": "string"},
+                                            "lease_seconds": {"type": "integer"},
+                                            "next_server": {"type": "string"}}, ["network"]))
+PATHS["/reservations"]["post"] = _op(
+    "reserve an address for a MAC", {"201": _json(ANY_OBJECT, "reserved")},
+    body=_body({"mac": {"type": "string"}, "ip": {"type": "string"},
+                "hostname": {"type": "string"}}, ["mac", "ip"]))
+PATHS["/machines"]["post"] = _op(
+    "enroll a machine by MAC", {"201": _json(_ref("MachineDetail"), "added")},
+    body=_body({"mac": {"type": "string"}, "hostname": {"type": "string"}}, ["mac"]))
+PATHS["/machines/{ident}"]["patch"] = _op(
+    "set bootenv, profiles, params, hostname", {"200": _json(_ref("MachineDetail"), "it")},
+    params=[IDENT], body=_body({"bootenv": {"type": "string"}, "profiles": _STRINGS,
+                                "params": ANY_OBJECT, "unset": _STRINGS,
+                                "hostname": {"type": "string"}}), errors=MACHINE_ERRORS)
+PATHS.update({
+    "/subnets/{ident}": {"delete": _op(
+        "delete a subnet (by id or network)", _DELETED, params=[IDENT],
+        errors=MACHINE_ERRORS)},
+    "/reservations/{mac}": {"delete": _op(
+        "delete a reservation", _DELETED, params=[{"name": "mac", "in": "path",
+                                                   "required": True,
+                                                   "schema": {"type": "string"}}],
+        errors=MACHINE_ERRORS)},
+    "/profiles/{name}": {
+        "put": _op("create a profile or change its params",
+                   {"200": _json(_PROFILE, "the profile")}, params=[PROFILE_NAME],
+                   body=_body({"params": ANY_OBJECT, "unset": _STRINGS,
+                               "description": {"type": "string"}})),
+        "delete": _op("delete an unused profile", _DELETED, params=[PROFILE_NAME],
+                      errors=(*COMMON, 404, 409))},
 })
 
 

@@ -1,0 +1,1 @@
+"""The CLI over the JSON API (``appliance --endpoint URL --token ...``)."""
