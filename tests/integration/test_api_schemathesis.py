@@ -2,7 +2,8 @@
 serve`` (HTTP part, gunicorn) in a namespace with a token, over every documented
 operation, and must find no 5xx, no undocumented status or content type and no answer
 outside its schema; schema-violating requests must be refused. Then the credentials:
-no token, a wrong token and a revoked token are refused with 401.
+no token, a wrong token and a revoked token are refused with 401, by the API and by
+the remote CLI (``appliance --endpoint ... --token ...``) run against the same server.
 
 ``positive_data_acceptance`` is left out on purpose: the API checks more than a schema
 can say (a bootenv must exist, param names are identifiers, a machine must be in a state
@@ -131,9 +132,20 @@ def test_credentials_are_refused(rig: Rig) -> None:
     bearer = f"Authorization: Bearer {token}"
     assert rig.status("/api/v1/machines", bearer) == "200"
     assert rig.status(f"/api/v1/machines/{MACHINE}/power", bearer, method="POST") == "400"
+    # The remote CLI against the real server (gunicorn), run from inside the namespace.
+    remote = [sys.executable, "-m", "appliance.cli", "--endpoint", LOCAL, "--token", token]
+    shown = rig.ns.exec([*remote, "machines"]).stdout
+    assert MACHINE in shown and "fuzz1" in shown, shown
+    rig.ns.exec([*remote, "reservation", "add", "52:54:00:5c:00:03", "10.250.90.21"])
+    rows = json.loads(rig.ns.exec([*remote, "--json", "reservation", "list"]).stdout)
+    assert {r["mac"] for r in rows} >= {"52:54:00:5c:00:02", "52:54:00:5c:00:03"}
+    refused = rig.ns.exec([*remote[:-1], "apl_wrong", "machines"], check=False)
+    assert refused.returncode == 1 and "401" in refused.stderr, refused.stderr
     (listed,) = json.loads(rig.app.cli("token", "list", "--json").stdout)
     rig.app.cli("token", "revoke", str(listed["id"]))
     assert rig.status("/api/v1/machines", bearer) == "401"
+    refused = rig.ns.exec([*remote, "machines"], check=False)
+    assert refused.returncode == 1 and "revoked" in refused.stderr, refused.stderr
     assert rig.status(f"/api/v1/machines/{MACHINE}/identify", bearer, method="POST") == "401"
     # The description of the API stays public; unknown API paths answer JSON 404.
     assert rig.status("/api/v1/openapi.json") == "200"
