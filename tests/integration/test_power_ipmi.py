@@ -212,11 +212,12 @@ def test_faults_are_bounded_events_and_the_daemon_keeps_serving(rig: PowerRig) -
 
     assert results["healthy"]["state"] == "succeeded" and good.power() == "on"
     # the healthy machine, queued last, was not held behind the dead and slow ones: it
-    # was taken at once and done while they were still failing
+    # was taken before their first attempt could time out and done while they were still
+    # failing (ordering, not wall-clock limits: a loaded CI box may need a retry)
     healthy = results["healthy"]
-    assert _ts(healthy["started_at"]) - _ts(healthy["created_at"]) < 1.5
-    assert took(healthy) < 2.0
-    assert _ts(healthy["finished_at"]) < _ts(results["deadbmc"]["finished_at"])
+    for name in ("deadbmc", "slowbmc"):
+        assert _ts(healthy["started_at"]) < _ts(results[name]["started_at"]) + CALL_TIMEOUT
+        assert _ts(healthy["finished_at"]) < _ts(results[name]["finished_at"])
     for name in ("deadbmc", "slowbmc"):
         r = results[name]
         assert (r["state"], r["error_kind"], r["attempts"]) == ("failed", "timeout", ATTEMPTS)
