@@ -183,6 +183,12 @@ def cmd_machine(args: argparse.Namespace, config: Config) -> int:
             print(f"machine {machine.mac} added")
             return 0
         machine = profiles.find_machine(session, args.machine)
+        if args.action == "timeline":
+            from appliance.timeline import timeline_for
+
+            data = timeline_for(session, machine).as_dict()
+            print(tables.dumps(data) if args.json else tables.timeline(data))
+            return 0
         if args.action == "set":
             values = profiles.parse_assignments(catalog, args.param or [], args.param_file or [])
             profiles.configure_machine(
@@ -358,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = msub.add_parser("show", help="a machine's settings and effective params")
     show.add_argument("machine", metavar="MACHINE")
     show.add_argument("--json", action="store_true")
+    tl = msub.add_parser("timeline", help="the last provisioning run, phase by phase")
+    tl.add_argument("machine", metavar="MACHINE")
+    tl.add_argument("--json", action="store_true")
     mset = msub.add_parser("set", help="set bootenv, profiles, params, hostname")
     mset.add_argument("machine", metavar="MACHINE")
     mset.add_argument("--bootenv", help="boot environment of its next boot (an installer "

@@ -144,3 +144,13 @@ def profile_rows(session: Session) -> list[dict[str, Any]]:
 
     return [{"name": p.name, "description": p.description or "", "params": dict(p.params or {})}
             for p in list_profiles(session)]
+
+
+def image_rows(config: Any, db: Any) -> list[dict[str, Any]]:
+    """The artifacts as ``appliance images list --json`` and ``GET /api/v1/images`` show
+    them: declared by the bootenvs and ``images/manifest.yaml``, or imported."""
+    from appliance.images.manifest import load_catalog
+    from appliance.images.store import list_images
+
+    artifacts, _errors = load_catalog(config.boot.bootenvs_dir)
+    return list_images(config, db, artifacts)

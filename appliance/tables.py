@@ -42,5 +42,24 @@ def record(row: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TIMELINE = ["phase", "status", "took", "detail"]
+
+
+def timeline(data: dict[str, Any]) -> str:
+    """A machine's boot timeline (``Timeline.as_dict()``, local or from the API)."""
+    if data.get("outcome") == "none":
+        return "no provisioning run yet"
+    head = (f"deployment {data.get('deployment') or '?'} with {data.get('bootenv')}, "
+            f"started {str(data.get('started'))[:19]}: {data.get('outcome')} after "
+            f"{data.get('seconds')} s")
+    rows = []
+    for p in data.get("phases", []):
+        detail = "; ".join([p.get("detail") or "", *p.get("problems", [])]).strip("; ")
+        rows.append({"phase": p.get("label"), "status": p.get("status"),
+                     "took": "" if p.get("seconds") is None else f"{p['seconds']} s",
+                     "detail": detail})
+    return head + "\n" + table(rows, TIMELINE)
+
+
 def dumps(value: Any) -> str:
     return json.dumps(value, indent=2, default=str)

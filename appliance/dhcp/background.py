@@ -3,22 +3,29 @@ noticing subnet/reservation changes made by the CLI or API."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 
+from sqlalchemy import select
+
 from appliance.db import Database, publish_counters
 from appliance.dhcp.leases import SubnetInfo
 from appliance.dhcp.stats import Counters
 from appliance.dhcp.store import load_subnets, subnet_signature
-from appliance.lifecycle import record_seen
+from appliance.lifecycle import record_event, record_seen
+from appliance.models import Machine
+from appliance.watchlist import REFRESH_SECONDS, provisioning_macs
 
 log = logging.getLogger("appliance.dhcp")
 
 SEEN_INTERVAL = 60.0  # register / touch a MAC at most once a minute
 SEEN_BATCH = 10  # machines per transaction (keeps SQLite's write lock short)
 SEEN_QUEUE = 10000
+#: Timeline exchanges kept while the database is slow (older ones are dropped, counted).
+EXCHANGE_QUEUE = 2000
 
 
 class SeenRecorder:
@@ -33,6 +40,18 @@ class SeenRecorder:
         self.last: dict[str, float] = {}
         #: (mac, seen on, arch) waiting for ``flush``; only the packet thread uses it
         self.queue: deque[tuple[str, str, str | None]] = deque()
+        #: MACs of the machines being provisioned (``watchlist``), replaced every few
+        #: seconds by the housekeeper; their exchanges become timeline events.
+        self.watched: frozenset[str] = frozenset()
+        #: (mac, wall time, reply type, address, boot file or URL) waiting for ``flush``
+        self.exchanges: deque[tuple[str, float, str, str, str]] = deque()
+
+    def exchange(self, mac: str, reply: str, address: str, boot: str) -> None:
+        """A reply to a watched machine (call only when ``mac in self.watched``)."""
+        if len(self.exchanges) >= EXCHANGE_QUEUE:
+            self.counters["timeline_dropped"] += 1
+            return
+        self.exchanges.append((mac, time.time(), reply, address, boot))
 
     def due(self, mac: str) -> bool:
         """Is it time to record ``mac`` again? (cheap; call before building ``note``'s
@@ -61,6 +80,7 @@ class SeenRecorder:
     def flush(self, db: Database, budget: float = 0.05, batch_size: int = SEEN_BATCH) -> None:
         """Record queued machines in small transactions until ``budget`` seconds pass."""
         deadline = time.monotonic() + budget
+        self.flush_exchanges(db)
         pending = self.queue
         while pending and time.monotonic() < deadline:
             batch: dict[str, tuple[str, str | None]] = {}
@@ -73,6 +93,29 @@ class SeenRecorder:
                         record_seen(s, mac, seen_on[:64], "dhcp", arch)
             except Exception:
                 log.exception("could not record %d seen machine(s)", len(batch))
+
+
+    def flush_exchanges(self, db: Database) -> None:
+        """Write the queued exchanges as ``dhcp`` events (one transaction)."""
+        if not self.exchanges:
+            return
+        batch = list(self.exchanges)
+        self.exchanges.clear()
+        try:
+            with db.session() as s:
+                machines = {m.mac: m for m in s.scalars(
+                    select(Machine).where(Machine.mac.in_({b[0] for b in batch})))}
+                for mac, at, reply, address, boot in batch:
+                    machine = machines.get(mac)
+                    if machine is None:
+                        continue
+                    via = f" (boot {boot})" if boot else ""
+                    record_event(s, machine, "dhcp", "dhcp", f"{reply.upper()} {address}{via}",
+                                 {"type": reply, "address": address, "boot": boot},
+                                 at=dt.datetime.fromtimestamp(at, dt.UTC).replace(tzinfo=None))
+        except Exception:
+            self.counters["timeline_dropped"] += len(batch)
+            log.exception("could not record %d DHCP exchange(s) for the timeline", len(batch))
 
 
 class Housekeeper:
@@ -91,6 +134,14 @@ class Housekeeper:
         self.interval = interval
         self.signature = signature
         self.next_tick = time.monotonic() + interval
+        self.next_watch = 0.0
+
+    def refresh_watched(self) -> None:
+        try:
+            with self.db.session() as s:
+                self.recorder.watched = provisioning_macs(s)
+        except Exception as exc:  # keep the last list; the next tick tries again
+            log.warning("could not read the machines being provisioned: %s", exc)
 
     def publish(self) -> None:
         try:
@@ -117,6 +168,9 @@ class Housekeeper:
         if budget > 0:
             self.recorder.flush(self.db, budget,
                                 batch_size=SEEN_BATCH if budget >= 0.02 else 4)
+        if time.monotonic() >= self.next_watch:
+            self.refresh_watched()
+            self.next_watch = time.monotonic() + REFRESH_SECONDS
         if time.monotonic() >= self.next_tick:
             self.publish()
             self.check_subnets()

@@ -34,8 +34,19 @@ log = logging.getLogger("appliance.dhcp")
 class SeenSink(Protocol):
     """Where clients seen are reported (``background.SeenRecorder``)."""
 
+    watched: frozenset[str]
+
     def due(self, mac: str) -> bool: ...
     def note(self, mac: str, seen_on: str, arch: str | None) -> None: ...
+    def exchange(self, mac: str, reply: str, address: str, boot: str) -> None: ...
+
+
+def note_exchange(seen: SeenSink | None, mac: str, reply: str, ip: int,
+                  boot: BootInfo | None) -> None:
+    """Report a reply to a machine being provisioned (its boot timeline); a set lookup
+    for every other client."""
+    if seen is not None and mac in seen.watched:
+        seen.exchange(mac, reply, int_to_ip(ip) if ip else "", boot.file if boot else "")
 
 
 @dataclass(slots=True)
@@ -208,11 +219,14 @@ class ServerHandler:
         self.table.offer(sub, ip, mac, now, self.cfg.offer_hold_seconds)
         boot = self._kind_and_boot(pkt, rx, sub, mac)
         self.counters["offers"] += 1
+        note_exchange(self.seen, mac, "offer", ip, boot)
         return self._lease_reply(pkt, rx, sub, mac, OFFER, ip, server_id, boot)
 
     def _nak(self, pkt: DhcpPacket, rx: Incoming, server_id: int, why: str) -> Outgoing:
         self.counters.inc("naks")
-        log.info("NAK to %s: %s", mac_text(pkt.chaddr), why)
+        mac = mac_text(pkt.chaddr)
+        log.info("NAK to %s: %s", mac, why)
+        note_exchange(self.seen, mac, f"nak ({why})", 0, None)
         payload = replies.build(pkt, NAK, server_id, message=why)
         return replies.route(pkt, rx, NAK, 0, payload, server_id)
 
@@ -256,6 +270,7 @@ class ServerHandler:
                    client_id.hex()[:255] if client_id else None)
         boot = self._kind_and_boot(pkt, rx, sub, mac)
         self.counters["acks"] += 1
+        note_exchange(self.seen, mac, "ack", ip, boot)
         return self._lease_reply(pkt, rx, sub, mac, ACK, ip, server_id, boot)
 
     def _inform(self, pkt: DhcpPacket, rx: Incoming, sub: SubnetInfo, mac: str,

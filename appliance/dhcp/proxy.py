@@ -12,7 +12,13 @@ import logging
 
 from appliance.dhcp import replies
 from appliance.dhcp.codec import DhcpPacket, DropPacket, int_to_ip
-from appliance.dhcp.handler import BootSteering, HandlerConfig, InterfaceNames, SeenSink
+from appliance.dhcp.handler import (
+    BootSteering,
+    HandlerConfig,
+    InterfaceNames,
+    SeenSink,
+    note_exchange,
+)
 from appliance.dhcp.handler import mac_text as _mac_text
 from appliance.dhcp.options import ACK, DISCOVER, INFORM, OFFER, PXE_PORT, REQUEST, SERVER_ID
 from appliance.dhcp.packets import Incoming, Outgoing
@@ -66,6 +72,8 @@ class ProxyHandler:
             self.counters.inc("acks")
         else:
             self.counters.inc("offers")
+        note_exchange(self.seen, mac, "ack" if reply_type == ACK else "offer",
+                      pkt.ciaddr or (rx.src_ip if rx.port == PXE_PORT else 0), boot)
         if rx.port == PXE_PORT:
             dst = rx.src_ip or pkt.ciaddr
             return Outgoing(payload, dst, rx.src_port, rx.port, server_id, 0)

@@ -8,7 +8,7 @@ COUNTER_NAMES = (
     "dropped_malformed", "dropped_oversized", "dropped_other", "dropped_stale",
     "dropped_overload", "dropped_no_subnet", "dropped_pool_exhausted",
     "dropped_not_for_us", "dropped_not_pxe", "internal_errors",
-    "db_commits", "db_errors", "seen_queued", "seen_dropped",
+    "db_commits", "db_errors", "seen_queued", "seen_dropped", "timeline_dropped",
 )
 
 

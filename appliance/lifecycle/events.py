@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from sqlalchemy import select
@@ -21,9 +22,12 @@ def record_event(
     kind: str,
     message: str = "",
     details: dict[str, Any] | None = None,
+    at: dt.datetime | None = None,
 ) -> Event:
+    """Add an event to the session; ``at`` (UTC) when it happened earlier than now."""
     event = Event(
-        machine=machine, actor=actor, kind=kind, message=message, details=details, at=utcnow()
+        machine=machine, actor=actor, kind=kind, message=message, details=details,
+        at=at or utcnow(),
     )
     session.add(event)
     return event

@@ -137,6 +137,10 @@ def machine(c: Client, args: argparse.Namespace) -> int:
         return _say(args, answer, f"machine {answer['mac']} updated")
     if args.action == "bmc":
         return bmc(c, args)
+    if args.action == "timeline":
+        answer = c.call("GET", f"/machines/{ident}/timeline")
+        print(tables.dumps(answer) if args.json else tables.timeline(answer))
+        return 0
     answer = c.call("GET", f"/machines/{ident}")
     print(tables.dumps(answer) if args.json else tables.record(answer))
     return 0

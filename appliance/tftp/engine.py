@@ -27,6 +27,7 @@ import select
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from tftpy.TftpPacketFactory import TftpPacketFactory
@@ -52,6 +53,8 @@ OP_RRQ, OP_WRQ, OP_DATA, OP_ACK, OP_ERROR = 1, 2, 3, 4, 5
 ILLEGAL_OPERATION = 4
 #: Seconds between two passes over the running transfers for retransmit timers.
 TIMER_INTERVAL = 0.05
+#: Ended transfers kept for the boot timeline until the supervisor takes them.
+FINISHED_KEPT = 1000
 
 COUNTER_NAMES = (
     "requests",              # well-formed RRQ/WRQ received
@@ -160,6 +163,9 @@ class Engine:
         self.epoll: select.epoll | None = None
         self._stop_fds: set[int] = set()
         self.bound: tuple[str, int] | None = None
+        #: Ended transfers (not size probes) for the boot timeline, taken by the caller
+        #: with ``take_finished``; the oldest are dropped when nobody takes them.
+        self.finished: deque[dict[str, object]] = deque(maxlen=FINISHED_KEPT)
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -356,6 +362,10 @@ class Engine:
         t.sock.close()
         took = time.monotonic() - t.started
         self.counters["bytes_sent"] += t.payload_sent()
+        if kind != "tsize_probes":
+            self.finished.append({"client": t.peer[0], "file": t.name, "bytes": t.size,
+                                  "seconds": round(took, 3), "ok": ok, "why": why,
+                                  "end": time.time()})
         if ok:
             self.counters["transfers_completed"] += 1
             log.info("sent %s to %s:%d: %d bytes, blksize %d, %.3f s", t.name, t.peer[0],
@@ -373,6 +383,16 @@ class Engine:
             log.warning("transfer of %s to %s:%d failed after %.3f s: %s", t.name, t.peer[0],
                         t.peer[1], took, why)
         t.packets = ()
+
+    def take_finished(self) -> list[dict[str, object]]:
+        """The ended transfers not taken yet (safe to call from another thread)."""
+        taken = []
+        while self.finished:
+            try:
+                taken.append(self.finished.popleft())
+            except IndexError:
+                break
+        return taken
 
     # ---- requests on the well-known port -----------------------------------------------
 

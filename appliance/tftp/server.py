@@ -29,6 +29,7 @@ from appliance.config import Config
 from appliance.db import Database, publish_counters
 from appliance.stopsignals import stop_on_signals
 from appliance.tftp.engine import Engine, new_counters, worker_count
+from appliance.tftp.transfer_events import PENDING_KEPT, TRANSFERS_KEY, TransferEvents
 
 log = logging.getLogger("appliance.tftp")
 
@@ -37,16 +38,23 @@ WORKER_STOP_GRACE = 5.0
 
 
 class _Publisher(threading.Thread):
-    """Publishes ``snapshot()`` every PUBLISH_EVERY seconds until ``done`` is set."""
+    """Publishes ``snapshot()`` every PUBLISH_EVERY seconds until ``done`` is set, and
+    writes the ended transfers (``take_transfers()``) of machines being provisioned as
+    timeline events."""
 
-    def __init__(self, db: Database, snapshot, done: threading.Event) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, db: Database, snapshot, done: threading.Event,  # type: ignore[no-untyped-def]
+                 take_transfers) -> None:  # type: ignore[no-untyped-def]
         super().__init__(name="tftp-counters", daemon=True)
         self.db = db
         self.snapshot = snapshot
         self.done = done
         self.last: dict[str, int] | None = None
+        self.take_transfers = take_transfers
+        self.events = TransferEvents(db)
 
     def publish(self) -> None:
+        self.events.add(self.take_transfers())
+        self.events.write()
         values = self.snapshot()
         if values == self.last:
             return
@@ -81,7 +89,7 @@ def _run_in_process(config: Config, db: Database, stop: threading.Event) -> None
     bound = engine.open()
     log.info("TFTP serving %s on %s:%d (read-only, 1 process)", config.tftp.root, *bound)
     done = threading.Event()
-    publisher = _Publisher(db, lambda: dict(engine.counters), done)
+    publisher = _Publisher(db, lambda: dict(engine.counters), done, engine.take_finished)
     publisher.start()
     try:
         engine.serve(stop.is_set)
@@ -110,6 +118,7 @@ class _WorkerPool:
         self.retired = new_counters()          # totals of workers that died and restarted
         self.sel = selectors.DefaultSelector()
         self.lock = threading.Lock()
+        self.transfers: list[dict] = []        # ended transfers reported by the workers
 
     def spec(self, index: int) -> bytes:
         return (json.dumps({"tftp": dataclasses.asdict(self.config.tftp),
@@ -147,9 +156,19 @@ class _WorkerPool:
                 values = json.loads(line)
             except ValueError:
                 continue
+            if not isinstance(values, dict):
+                continue
+            ended = values.pop(TRANSFERS_KEY, None)
             with self.lock:
                 w.counters = {k: int(values.get(k, 0)) for k in w.counters}
+                if isinstance(ended, list) and len(self.transfers) < PENDING_KEPT:
+                    self.transfers.extend(ended)
         return True
+
+    def take_transfers(self) -> list[dict]:
+        with self.lock:
+            taken, self.transfers = self.transfers, []
+        return taken
 
     def reap(self, w: _Worker) -> int | None:
         assert w.proc is not None and w.proc.stdout is not None
@@ -190,7 +209,7 @@ def _run_workers(config: Config, db: Database, stop: threading.Event, n: int) ->
     log.info("TFTP serving %s on %s:%d (read-only, %d worker processes, pids %s)", cfg.root,
              cfg.bind, cfg.port, n, ", ".join(str(w.proc.pid) for w in pool.workers if w.proc))
     done = threading.Event()
-    publisher = _Publisher(db, pool.totals, done)
+    publisher = _Publisher(db, pool.totals, done, pool.take_transfers)
     publisher.start()
     delay = 1.0
     try:

@@ -5,7 +5,8 @@ Protocol with the supervisor, over pipes:
 * stdin: one JSON line ``{"tftp": {...TftpConfig fields...}, "log_level": "INFO",
   "index": N}``; after that, EOF on stdin (the supervisor closed it or died) means stop.
 * stdout: a JSON line of this worker's running counter totals about every second while
-  they change, then a final line on the way out. Logs go to stderr, shared with the
+  they change, with the transfers that ended since the last line under ``transfers``
+  (for the boot timeline), then a final line on the way out. Logs go to stderr, shared with the
   supervisor.
 * SIGTERM / SIGINT also stop the worker (it shares the supervisor's process group).
 """
@@ -20,6 +21,7 @@ import sys
 
 from appliance.config import TftpConfig
 from appliance.tftp.engine import Engine
+from appliance.tftp.transfer_events import TRANSFERS_KEY
 
 log = logging.getLogger("appliance.tftp")
 
@@ -56,10 +58,11 @@ def main() -> int:
 
     def export() -> None:
         nonlocal last
-        if engine.counters != last:
+        finished = engine.take_finished()
+        if engine.counters != last or finished:
             last = dict(engine.counters)
             try:
-                out.write(json.dumps(last) + "\n")
+                out.write(json.dumps({**last, TRANSFERS_KEY: finished}) + "\n")
             except OSError:
                 pass
 

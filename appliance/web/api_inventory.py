@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Response, jsonify, request
 
-from appliance import listing
+from appliance import listing, timeline
 from appliance.inventory import (
     as_dict,
     list_events,
@@ -92,6 +92,13 @@ def get_machine(ident: str) -> Response:
         return jsonify(machine_detail(session, _machine(session, ident)))
 
 
+@api.get("/machines/<ident>/timeline")
+def get_timeline(ident: str) -> Response:
+    """The machine's last provisioning run, phase by phase (appliance/timeline.py)."""
+    with state().db.session() as session:
+        return jsonify(timeline.timeline_for(session, _machine(session, ident)).as_dict())
+
+
 @api.get("/events")
 def get_events() -> Response:
     """Query: ``machine`` (MAC or hostname), ``limit`` (1-1000, default 100); oldest
@@ -130,6 +137,12 @@ def get_bootenvs() -> Response:
     st = state()
     return jsonify(items=listing.bootenv_rows(st.catalog, st.config.images_dir),
                    refused=list(st.catalog.errors))
+
+
+@api.get("/images")
+def get_images() -> Response:
+    st = state()
+    return jsonify(items=listing.image_rows(st.config, st.db))
 
 
 @api.get("/profiles")

@@ -11,7 +11,7 @@ from appliance.lifecycle import record_event, record_seen
 from appliance.lifecycle.operations import booted
 from appliance.mac import normalize_mac
 from appliance.machinefiles import BootTarget, render_boot_file
-from appliance.web import state
+from appliance.web import download_events, state
 from appliance.web.files import send_path
 
 log = logging.getLogger("appliance.http")
@@ -96,13 +96,15 @@ def images(relative: str) -> Response:
     if parts[-1].endswith(".part") or any(p == ".locks" or p.startswith(".staging")
                                           for p in parts):
         abort(404)
-    return send_path(state().config.images_dir, relative)
+    return send_path(state().config.images_dir, relative,
+                     on_body_closed=download_events.watcher(relative))
 
 
 @boot.get("/tftp/<path:relative>")
 def tftp_root_over_http(relative: str) -> Response:
     """The TFTP root (boot loaders) over HTTP, for UEFI HTTP boot clients."""
-    return send_path(Path(state().config.tftp.root), relative)
+    return send_path(Path(state().config.tftp.root), relative,
+                     on_body_closed=download_events.watcher(relative, loader=True))
 
 
 @boot.get("/healthz")

@@ -7,10 +7,11 @@ with an exact Content-Length, so gunicorn sends it with ``sendfile(2)`` from tha
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.utils import formatdate
 from pathlib import Path
 
@@ -51,8 +52,31 @@ def _read_exactly(handle, length: int) -> Iterator[bytes]:  # type: ignore[no-un
             yield chunk
 
 
-def send_path(root: Path, relative: str, mimetype: str = "application/octet-stream") -> Response:
-    """Serve ``root/relative`` (never outside ``root``) with Range, HEAD and Last-Modified."""
+class _NotifyingFile(io.FileIO):
+    """A file whose ``close`` also calls ``on_close`` (once): the server closes the body
+    after its last byte went out (or the client went away), with or without sendfile."""
+
+    def __init__(self, fd: int, on_close: Callable[[], None]) -> None:
+        super().__init__(fd, "rb", closefd=True)
+        self._on_close: Callable[[], None] | None = on_close
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            callback, self._on_close = self._on_close, None
+            if callback is not None:
+                callback()
+
+
+def send_path(root: Path, relative: str, mimetype: str = "application/octet-stream",
+              on_body_closed: Callable[[Response], Callable[[], None] | None] | None = None,
+              ) -> Response:
+    """Serve ``root/relative`` (never outside ``root``) with Range, HEAD and Last-Modified.
+
+    ``on_body_closed(response)``, when given, is asked before the body goes out for a
+    callback to run once it has been sent (or abandoned); it may answer None.
+    """
     joined = safe_join(str(root), relative)
     if joined is None:
         abort(404)
@@ -67,7 +91,7 @@ def send_path(root: Path, relative: str, mimetype: str = "application/octet-stre
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         abort(404)
-    handle = os.fdopen(fd, "rb")
+    handle: io.FileIO | None = None
     try:
         size = st.st_size
         headers = {
@@ -82,7 +106,7 @@ def send_path(root: Path, relative: str, mimetype: str = "application/octet-stre
         if wanted and (not if_range or if_range == headers["ETag"]):
             parsed = _parse_range(wanted, size)
             if parsed is False:
-                handle.close()
+                os.close(fd)
                 return Response(status=416, headers={**headers,
                                                      "Content-Range": f"bytes */{size}"})
             if parsed:
@@ -92,8 +116,12 @@ def send_path(root: Path, relative: str, mimetype: str = "application/octet-stre
                 headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         headers["Content-Length"] = str(length)
         if request.method == "HEAD":
-            handle.close()
+            os.close(fd)
             return Response(status=status, headers=headers, mimetype=mimetype)
+        callback = (on_body_closed(Response(status=status, headers=headers))
+                    if on_body_closed is not None else None)
+        handle = (_NotifyingFile(fd, callback) if callback is not None
+                  else io.FileIO(fd, "rb", closefd=True))
         handle.seek(start)
         wrapper_cls = request.environ.get("wsgi.file_wrapper")
         # gunicorn's wrapper: sendfile from the current offset, bounded by Content-Length.
@@ -101,5 +129,8 @@ def send_path(root: Path, relative: str, mimetype: str = "application/octet-stre
         return Response(body, status=status, headers=headers, mimetype=mimetype,
                         direct_passthrough=True)
     except BaseException:
-        handle.close()
+        if handle is not None:
+            handle.close()
+        else:
+            os.close(fd)
         raise

@@ -42,6 +42,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
         "counter", "DHCP packets whose handling failed with an unexpected error."),
     "appliance_dhcp_db_commits_total": ("counter", "Lease transactions the DHCP part committed."),
     "appliance_dhcp_db_errors_total": ("counter", "Lease transactions that failed."),
+    "appliance_dhcp_timeline_events_dropped_total": (
+        "counter", "DHCP exchanges of machines being provisioned not written as timeline "
+        "events (queue full or the database failed)."),
     "appliance_dhcp_sightings_total": (
         "counter", "Machines seen by DHCP queued for registration, or dropped because the "
         "queue was full."),
@@ -105,6 +108,7 @@ DHCP_COUNTERS: dict[str, Rule] = {
     "db_errors": ("appliance_dhcp_db_errors_total", {}),
     "seen_queued": ("appliance_dhcp_sightings_total", {"outcome": "queued"}),
     "seen_dropped": ("appliance_dhcp_sightings_total", {"outcome": "dropped"}),
+    "timeline_dropped": ("appliance_dhcp_timeline_events_dropped_total", {}),
 }
 #: name prefix -> (family, label): ``dropped_stale`` -> dropped_total{reason="stale"}
 DHCP_PREFIXES = (("dropped_", "appliance_dhcp_dropped_total", "reason"),

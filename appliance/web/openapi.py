@@ -14,6 +14,7 @@ from appliance.lifecycle.states import STATES
 from appliance.listing import MAX_LIMIT, MAX_OFFSET
 from appliance.power.calls import DRIVERS
 from appliance.power.driver import BOOT_DEVICES, BOOT_MODES, POWER_ACTIONS
+from appliance.timeline import PHASES
 
 
 def _nullable(kind: str, **extra: Any) -> dict[str, Any]:
@@ -58,6 +59,20 @@ MACHINE_SUMMARY: dict[str, Any] = {
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"],
               "properties": {"error": {"type": "string"}}},
+    "Timeline": {"type": "object", "required": ["outcome", "phases"], "properties": {
+        "outcome": {"type": "string", "enum": ["none", "running", "ready", "failed", "ended"]},
+        "started": _nullable("string"), "ended": _nullable("string"),
+        "seconds": _nullable("number"), "bootenv": {"type": "string"},
+        "deployment": _nullable("integer"), "reason": {"type": "string"},
+        "phases": {"type": "array", "items": _ref("TimelinePhase")}}},
+    "TimelinePhase": {"type": "object", "required": ["phase", "status"], "properties": {
+        "phase": {"type": "string", "enum": [key for key, _ in PHASES]},
+        "label": {"type": "string"},
+        "status": {"type": "string",
+                   "enum": ["done", "running", "failed", "skipped", "pending", "ended"]},
+        "start": _nullable("string"), "end": _nullable("string"),
+        "seconds": _nullable("number"), "detail": {"type": "string"},
+        "problems": {"type": "array", "items": {"type": "string"}}}},
     "LastEvent": {"type": "object", "nullable": True,
                   "properties": {"at": {"type": "string"}, "kind": {"type": "string"},
                                  "actor": {"type": "string"}, "message": {"type": "string"}}},
@@ -205,6 +220,9 @@ PATHS: dict[str, Any] = {
     "/machines/{ident}/lifecycle": {"get": _op(
         "state, phase, deployment and contract", {"200": _json(_ref("Lifecycle"), "it")},
         params=[IDENT], errors=MACHINE_ERRORS)},
+    "/machines/{ident}/timeline": {"get": _op(
+        "the last provisioning run phase by phase, from the events",
+        {"200": _json(_ref("Timeline"), "it")}, params=[IDENT], errors=MACHINE_ERRORS)},
     "/machines/{ident}/reimage": {"post": _op(
         "start a new deployment, from any state",
         {"202": _json(_ref("Lifecycle"), "started"),
@@ -235,6 +253,8 @@ def _items(description: str, extra: dict[str, Any] | None = None) -> dict[str, A
 PATHS.update({
     "/subnets": {"get": _op("subnets", _items("subnets"))},
     "/reservations": {"get": _op("reservations", _items("reservations"))},
+    "/images": {"get": _op("artifacts declared or imported, with their state",
+                           _items("images"))},
     "/leases": {"get": _op("DHCP leases", _items("leases"), params=[
         _query("all", {"type": "string", "enum": ["0", "1", "true", "false", "yes", "no"]},
                "1: also released, expired and declined leases")])},

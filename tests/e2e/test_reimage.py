@@ -297,6 +297,20 @@ def test_reimage_a_vm_to_ready_twice(request, vm_host, accel, namespace, tmp_pat
                                 + ", ".join(f"{k} {'?' if v is None else f'{v:.0f}'} s"
                                             for k, v in phases.items()))
             assert all(v is not None for v in phases.values()), phases
+            # the appliance's own boot timeline of this run, drawn from the events the
+            # DHCP, TFTP and HTTP parts wrote while the VM booted
+            tl = json.loads(app.cli("machine", "timeline", NAME, "--json").stdout)
+            got = {p["phase"]: (p["status"], p["seconds"]) for p in tl["phases"]}
+            say(request.config, f"e2e: timeline ({datasource}): {tl['outcome']} "
+                                f"{tl['seconds']:.0f} s: " + ", ".join(
+                                    f"{name} {st if st != 'done' else f'{sec:.0f} s'}"
+                                    for name, (st, sec) in got.items()))
+            assert tl["outcome"] == "ready" and tl["deployment"] == run["deployment"]["number"]
+            for phase in ("power", "dhcp", "script", "kernel", "installer", "reboot",
+                          "cloud-init", "phone-home", "contract"):
+                assert got[phase][0] == "done", (phase, tl)
+            assert got["tftp"][0] in ("done", "skipped"), tl
+            assert abs(tl["seconds"] - run["seconds"]) < 15, (tl["seconds"], run["seconds"])
 
         first, second = runs
         assert first["machine"]["instance_id"] != second["machine"]["instance_id"]

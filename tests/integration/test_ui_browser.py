@@ -18,7 +18,12 @@ runs as two ``appliance serve`` processes on one database: the HTTP part (and th
 lifecycle part) from the start, the power part only once the page shows
 ``provisioning``/``power``; then the page must change to ``boot`` without a reload.
 
-Not covered yet: the machine's timeline (not built).
+Then the machine's page draws the run's boot timeline; the machine "boots" from the
+network from a second namespace (busybox udhcpc with its MAC against the appliance's DHCP
+part, curl fetching its boot script, kernel and initrd) and the timeline fills in on the
+page without a reload: DHCP, script and kernel/initrd done, the installer running.
+The machine page's identify and power-off buttons (power off through its confirmation
+page) act on the BMC, and the page follows each request to its outcome.
 """
 
 from __future__ import annotations
@@ -50,15 +55,18 @@ USER, PASSWORD = "alice", "correct horse battery"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOperatorKeyOperatorKeyOperatorKeyOper op@desk"
 #: Seconds to wait for a page element, and for the progress row to change.
 WAIT, PROGRESS_WAIT = 20, 60
+#: The machine's network: the appliance's DHCP part on SERVER_IF in the test's
+#: namespace, the machine (udhcpc and curl with its MAC) in a second namespace.
+SERVER_IF, CLIENT_IF, SERVER_ADDR = "uisrv0", "uicli0", "10.250.66.1"
 
 CONFIG = """\
 state_dir = "{state}"
 log_level = "INFO"
 [http]
-bind = "127.0.0.1"
+bind = "0.0.0.0"
 port = 8080
 [dhcp]
-enabled = false
+interface = "{srv_if}"
 [tftp]
 enabled = false
 [syslog]
@@ -244,22 +252,38 @@ class UiRig:
     def __init__(self, ns: netns.Namespace, tmp: Path, bmc_port: int, bmc_password: str):
         self.ns = ns
         tmp.mkdir(parents=True, exist_ok=True)
+        self.client_dir = tmp
         tree = write_tree(tmp, {"tiny": INSTALLER}, {"answers/answer.cfg.j2": ANSWER})
         for rel in ("tiny/linux", "tiny/linux.efi", "tiny/initrd.gz"):
             path = tree.images_dir / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"x")
-        config = CONFIG.format(state=tree.state_dir, bootenvs=tree.boot.bootenvs_dir,
-                               templates=tree.boot.templates_dir)
-        self.app = ApplianceProcess(ns, tmp, config, only=["http", "lifecycle"])
-        (tmp / "power").mkdir()
-        self.power = ApplianceProcess(ns, tmp / "power", config, only=["power"])
-        self.app.cli("db", "upgrade")
-        self.app.cli("user", "add", USER, "--password-stdin", input=PASSWORD + "\n")
-        enroll(self.app, HOST, MAC, bmc_port, bmc_password)
-        self.app.start()
-        netns.wait_for(lambda: ":8080 " in ns.exec(["ss", "-Hlnt"], check=False).stdout, 30,
-                       what="the HTTP part up:\n" + self.app.log()[-2000:])
+        self.client = netns.new_namespace("apuicl")
+        try:
+            netns.veth(ns, SERVER_IF, self.client, CLIENT_IF)
+            ns.ip("addr", "add", f"{SERVER_ADDR}/24", "dev", SERVER_IF)
+            self.client.ip("link", "set", "dev", CLIENT_IF, "down")
+            self.client.ip("link", "set", "dev", CLIENT_IF, "address", MAC)
+            self.client.ip("link", "set", "dev", CLIENT_IF, "up")
+            config = CONFIG.format(state=tree.state_dir, bootenvs=tree.boot.bootenvs_dir,
+                                   templates=tree.boot.templates_dir, srv_if=SERVER_IF)
+            self.app = ApplianceProcess(ns, tmp, config, only=["http", "lifecycle", "dhcp"])
+            (tmp / "power").mkdir()
+            self.power = ApplianceProcess(ns, tmp / "power", config, only=["power"])
+            self.app.cli("db", "upgrade")
+            self.app.cli("user", "add", USER, "--password-stdin", input=PASSWORD + "\n")
+            enroll(self.app, HOST, MAC, bmc_port, bmc_password)
+            self.app.cli("subnet", "add", "10.250.66.0/24", "--pool",
+                         "10.250.66.100-10.250.66.150")
+            self.app.start()
+            netns.wait_for(lambda: ":8080 " in ns.exec(["ss", "-Hlnt"], check=False).stdout
+                           and ":67 " in ns.exec(["ss", "-Hlnu"], check=False).stdout, 30,
+                           what="the HTTP and DHCP parts up:\n" + self.app.log()[-2000:])
+        except BaseException:
+            if getattr(self, "app", None) is not None:
+                self.app.stop()
+            self.client.delete()
+            raise
 
     def machine(self) -> dict[str, Any]:
         return json.loads(self.app.cli("machine", "show", HOST, "--json").stdout)
@@ -272,9 +296,28 @@ class UiRig:
         self.power.start()
         self.power.wait_log("power:", 30)
 
+    def network_boot(self) -> str:
+        """What the machine does when it boots from the network, by real clients from
+        its own namespace: a DHCP lease (busybox udhcpc), its boot script, its kernel and
+        initrd (curl). Returns its address."""
+        script = self.client_dir / "udhcpc.sh"
+        script.write_text('#!/bin/sh\n[ "$1" = bound ] && echo "LEASE $ip" && '
+                          f'ip addr add "$ip/24" dev {CLIENT_IF}\nexit 0\n')
+        script.chmod(0o755)
+        out = self.client.exec(["busybox", "udhcpc", "-i", CLIENT_IF, "-f", "-q", "-n",
+                                "-t", "5", "-T", "1", "-s", str(script)], timeout=30).stdout
+        address = next(line.split()[1] for line in out.splitlines()
+                       if line.startswith("LEASE "))
+        base = f"http://{SERVER_ADDR}:8080"
+        for path in (f"/boot/{MAC}.ipxe", "/images/tiny/linux", "/images/tiny/initrd.gz"):
+            self.client.exec(["curl", "-sS", "-f", "--max-time", "10", "-o", "/dev/null",
+                              base + path], timeout=15)
+        return address
+
     def close(self) -> None:
         self.power.stop()
         self.app.stop()
+        self.client.delete()
 
 
 @pytest.fixture
@@ -299,6 +342,13 @@ def _facts(b: Browser) -> dict[str, tuple[str, float, float, float]]:
         });""")
     return {label: (value, dt_top, dd_top, bottom)
             for label, value, dt_top, dd_top, bottom in rows}
+
+
+def _timeline(b: Browser) -> dict[str, str]:
+    """Phase -> status as the machine page's timeline picture shows them now."""
+    return b.driver.execute_script(
+        "const out = {}; document.querySelectorAll('#boot-timeline g.phase')"
+        ".forEach(g => { out[g.dataset.phase] = g.dataset.status; }); return out;")
 
 
 def _row(b: Browser) -> tuple[str, str]:
@@ -405,6 +455,59 @@ def test_log_in_reimage_watch_progress_and_log_out(browser: Browser,
                     and e["details"].get("step") == "reimage"]
         assert len(reimages) == 1 and reimages[0]["actor"] == f"user:{USER}", reimages
         assert "browser test" in reimages[0]["message"], reimages
+
+        # -- the machine's page draws the run's timeline: the BMC's part done, the
+        #    machine not booted from the network yet
+        b.get(f"/ui/machines/{MAC}")
+        b.wait_for("#boot-timeline")
+        shown_phases = _timeline(b)
+        assert (shown_phases["power"], shown_phases["dhcp"]) == ("done", "running"), \
+            shown_phases
+        b.driver.execute_script("window.__marker = 2")
+        b.shot("timeline-waiting-for-boot")
+
+        # -- it boots from the network (real DHCP and HTTP clients with its MAC): the
+        #    timeline fills in on the page without a reload
+        address = app.network_boot()
+        want = {"power": "done", "dhcp": "done", "tftp": "skipped", "script": "done",
+                "kernel": "done", "installer": "running", "reboot": "pending"}
+        try:
+            netns.wait_for(lambda: {k: v for k, v in _timeline(b).items() if k in want}
+                           == want, 30, interval=0.5)
+        except TimeoutError:
+            raise AssertionError(f"the timeline shows {_timeline(b)}, not {want}; events: "
+                                 f"{[(e['kind'], e['message']) for e in app.events()]}"
+                                 ) from None
+        assert b.driver.execute_script("return window.__marker") == 2, "the page reloaded"
+        bars = b.driver.execute_script(
+            "return Array.from(document.querySelectorAll('#boot-timeline g.phase rect'))"
+            ".map(r => r.closest('g').dataset.phase)")
+        assert bars == ["power", "dhcp", "script", "kernel", "installer"], bars
+        assert f"ACK {address}" in b.find("table.timeline").text
+        b.shot("timeline")
+        kinds = [e["kind"] for e in app.events()]
+        assert "dhcp" in kinds and kinds.count("download") == 2, kinds
+
+        # -- the power buttons: identify needs no confirmation; power off asks first;
+        #    the page follows each request to its outcome on the real BMC
+        b.find("form.identify button[value=on]").click()
+        b.wait_for("#queued")
+        netns.wait_for(lambda: b.find("#queued").get_attribute("data-state") == "succeeded",
+                       PROGRESS_WAIT, interval=0.5, what="identify to succeed on the page")
+        assert bmc.identify() == "on"
+        b.find("form.power button[value=off]").click()
+        b.wait_for("form.confirm")
+        assert b.find("form.confirm button").text == f"Yes, power off {HOST}"
+        assert bmc.power() == "on"  # asked, not done
+        b.shot("power-off-confirm")
+        b.submit("form.confirm")
+        netns.wait_for(lambda: b.find("#queued").get_attribute("data-state") == "succeeded",
+                       PROGRESS_WAIT, interval=0.5, what="power off to succeed on the page")
+        assert bmc.power() == "off"
+        assert "succeeded" in b.find("table.requests tbody tr").text
+        b.shot("powered-off")
+        power_events = [e for e in app.events() if e["kind"] == "power"]
+        assert [e["actor"] for e in power_events[-2:]] == [f"user:{USER}"] * 2, power_events
 
         # -- a form posted without its CSRF token is refused; nothing changes
         deployment = machine["deployment"]

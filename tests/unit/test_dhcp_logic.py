@@ -81,6 +81,20 @@ def dora(h: ServerHandler, mac: str, now: float = NOW, **kw) -> str:  # type: ig
     return ip
 
 
+def test_only_machines_being_provisioned_get_timeline_exchanges(server: ServerHandler) -> None:
+    assert isinstance(server.seen, SeenRecorder)
+    watched, other = "52:54:00:aa:00:01", "52:54:00:aa:00:02"
+    server.seen.watched = frozenset({watched})
+    pxe = [("vendor_class_id", b"PXEClient:Arch:00000:UNDI:002001")]
+    ip = reply(server.handle(packet(watched, "discover", pxe), rx(), NOW)).yiaddr
+    server.handle(packet(watched, "request", [*pxe, ("requested_addr", ip),
+                                              ("server_id", SERVER)]), rx(), NOW)
+    dora(server, other)
+    got = [(mac, kind, address, boot) for mac, _at, kind, address, boot
+           in server.seen.exchanges]
+    assert got == [(watched, "offer", ip, "undionly.kpxe"), (watched, "ack", ip, "undionly.kpxe")]
+
+
 def test_offer_carries_lease_and_network_options(server: ServerHandler) -> None:
     out = server.handle(packet(A, "discover"), rx(), NOW)
     p = reply(out)

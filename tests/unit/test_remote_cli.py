@@ -67,7 +67,7 @@ def _out(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 0) -> 
 
 
 LISTS = [["machines"], ["leases", "--all"], ["subnet", "list"], ["reservation", "list"],
-         ["profile", "list"]]
+         ["profile", "list"], ["machine", "timeline", "n1"]]
 
 
 def test_tables_and_json_are_the_local_ones(box: Box, capsys: pytest.CaptureFixture[str]

@@ -6,6 +6,7 @@ Every page needs a login (``appliance user add`` makes the first user); every fo
 carries the session's CSRF token and is refused without it.
 """
 
+from appliance.web.ui import inventory_pages, power_forms  # noqa: F401 - their routes
 from appliance.web.ui.pages import ui
 
 __all__ = ["ui"]

@@ -8,19 +8,26 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Response, redirect, render_template, request, url_for
+from sqlalchemy import select
 
-from appliance import listing
-from appliance.auth import users
+from appliance import listing, timeline
+from appliance.auth import throttle, users
+from appliance.inventory import as_dict
 from appliance.lifecycle import operations
 from appliance.lifecycle.states import STATES, LifecycleError
+from appliance.models import PowerRequest
+from appliance.power import control
 from appliance.profiles import ProfileError, find_machine, list_profiles, parse_assignments
 from appliance.web import auth, state
 from appliance.web.api_inventory import machine_detail
+from appliance.web.ui import timeline_view
 from appliance.web.ui.access import login_required, safe_next
 
 ui = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates",
                static_folder="static")
 PAGE_SIZE = 50
+#: Next-boot devices offered on a machine's page (the API and CLI take every one).
+PAGE_BOOT_DEVICES = ("pxe", "disk", "cdrom")
 #: Machines one bulk reimage may take (the form lists them all for the confirmation).
 MAX_BULK = 200
 
@@ -51,11 +58,20 @@ def login() -> Response:
     except auth.Forbidden as exc:
         return _page("login.html", 403, next=target, error=str(exc))
     name = request.form.get("name", "").strip()
+    client = request.remote_addr or "?"
     with state().db.session() as session:
+        wait = throttle.retry_after(session, name, client)
+        if wait:
+            response = _page("login.html", 429, next=target, name=name,
+                             error=f"too many failed logins as {name!r}; try again in "
+                                   f"{wait} s")
+            response.headers["Retry-After"] = str(wait)
+            return response
         user = users.authenticate(session, name, request.form.get("password", ""))
         if user is not None:
             auth.log_in(user)
             return redirect(target)
+        throttle.record_failure(session, name, client)
     return _page("login.html", 401, next=target, name=name,
                  error="wrong user name or password")
 
@@ -107,7 +123,32 @@ def machine(ident: str) -> Response:
         events = [{"at": e.at.isoformat(timespec="seconds"), "actor": e.actor,
                    "kind": e.kind, "message": e.message}
                   for e in reversed(list_events(session, found.mac, 50))]
-    return _page("machine.html", m=detail, events=events)
+        tl = timeline.timeline_for(session, found)
+        requests = [as_dict(r) for r in session.scalars(
+            select(PowerRequest).where(PowerRequest.machine_id == found.id)
+            .order_by(PowerRequest.id.desc()).limit(5))]
+        power_alive = control.power_part_alive(session)
+    return _page("machine.html", m=detail, events=events, requests=requests,
+                 power_alive=power_alive, queued=request.args.get("queued", type=int),
+                 boot_devices=PAGE_BOOT_DEVICES, **_timeline_context(tl, ident))
+
+
+def _timeline_context(tl: timeline.Timeline, ident: str) -> dict[str, Any]:
+    return {"tl": tl, "rows": timeline_view.rows(tl), "geometry": timeline_view,
+            "fmt": timeline_view.duration_text, "ident": ident}
+
+
+@ui.get("/machines/<ident>/timeline")
+@login_required
+def machine_timeline(ident: str) -> Response:
+    """The timeline alone (the machine page's script swaps it in while a run goes on)."""
+    with state().db.session() as session:
+        try:
+            found = find_machine(session, ident)
+        except ProfileError as exc:
+            return _page("error.html", 404, message=str(exc))
+        tl = timeline.timeline_for(session, found)
+    return _page("_timeline.html", **_timeline_context(tl, ident))
 
 
 def _installing_bootenvs() -> list[str]:
