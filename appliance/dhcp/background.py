@@ -26,6 +26,10 @@ SEEN_BATCH = 10  # machines per transaction (keeps SQLite's write lock short)
 SEEN_QUEUE = 10000
 #: Timeline exchanges kept while the database is slow (older ones are dropped, counted).
 EXCHANGE_QUEUE = 2000
+#: The same reply to the same machine (same type, address and boot file) is an event at
+#: most once in this many seconds: a machine stuck in a PXE retry loop for the whole boot
+#: phase writes a few dozen events, not thousands. The timeline needs only the first.
+EXCHANGE_REPEAT_SECONDS = 30.0
 
 
 class SeenRecorder:
@@ -45,12 +49,21 @@ class SeenRecorder:
         self.watched: frozenset[str] = frozenset()
         #: (mac, wall time, reply type, address, boot file or URL) waiting for ``flush``
         self.exchanges: deque[tuple[str, float, str, str, str]] = deque()
+        #: (mac, reply, address, boot) -> when it was last queued (monotonic)
+        self.exchanged: dict[tuple[str, str, str, str], float] = {}
 
     def exchange(self, mac: str, reply: str, address: str, boot: str) -> None:
         """A reply to a watched machine (call only when ``mac in self.watched``)."""
+        now = time.monotonic()
+        key = (mac, reply, address, boot)
+        if now - self.exchanged.get(key, -EXCHANGE_REPEAT_SECONDS) < EXCHANGE_REPEAT_SECONDS:
+            return
         if len(self.exchanges) >= EXCHANGE_QUEUE:
             self.counters["timeline_dropped"] += 1
             return
+        if len(self.exchanged) > 10000:
+            self.exchanged.clear()
+        self.exchanged[key] = now
         self.exchanges.append((mac, time.time(), reply, address, boot))
 
     def due(self, mac: str) -> bool:
@@ -93,7 +106,6 @@ class SeenRecorder:
                         record_seen(s, mac, seen_on[:64], "dhcp", arch)
             except Exception:
                 log.exception("could not record %d seen machine(s)", len(batch))
-
 
     def flush_exchanges(self, db: Database) -> None:
         """Write the queued exchanges as ``dhcp`` events (one transaction)."""

@@ -93,6 +93,9 @@ def test_only_machines_being_provisioned_get_timeline_exchanges(server: ServerHa
     got = [(mac, kind, address, boot) for mac, _at, kind, address, boot
            in server.seen.exchanges]
     assert got == [(watched, "offer", ip, "undionly.kpxe"), (watched, "ack", ip, "undionly.kpxe")]
+    # the same exchange again at once (a PXE retry loop) is not another event
+    server.handle(packet(watched, "discover", pxe), rx(), NOW)
+    assert len(server.seen.exchanges) == 2
 
 
 def test_offer_carries_lease_and_network_options(server: ServerHandler) -> None:
