@@ -1,6 +1,7 @@
-"""The UI's pages: login, the machine list, a machine, the reimage form and its live
-progress. Reads go through :mod:`appliance.listing` and the API's machine view; the
-reimage through :func:`appliance.lifecycle.operations.reimage`, as the CLI and the API.
+"""The UI's pages: login, the machine list, a machine (with its boot timeline; its power
+controls are in ``power_forms``), the reimage form and its live progress. Reads go
+through :mod:`appliance.listing` and the API's machine view; the reimage through
+:func:`appliance.lifecycle.operations.reimage`, as the CLI and the API.
 """
 
 from __future__ import annotations
