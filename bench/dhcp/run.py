@@ -180,6 +180,39 @@ def cpu_seconds(root: int) -> float:
     return total / ticks
 
 
+class CpuQuota:
+    """A cgroup-v1 ``cpu`` group with a CFS quota: every server started through
+    ``wrapper()`` (and all it starts) gets at most ``percent`` of one core, in 10 ms
+    periods (short enough that a throttled server stalls for milliseconds, not for the
+    tens of milliseconds that would overflow every socket buffer)."""
+
+    ROOT = Path("/sys/fs/cgroup/cpu")
+    PERIOD_US = 10_000
+
+    def __init__(self, percent: int) -> None:
+        if not (self.ROOT / "cpu.cfs_quota_us").exists():
+            raise SetupError(f"--server-cpu needs the cgroup-v1 cpu controller at {self.ROOT}")
+        self.path = self.ROOT / f"bench-dhcp-{os.getpid()}"
+        self.path.mkdir()
+        (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+        (self.path / "cpu.cfs_quota_us").write_text(str(self.PERIOD_US * percent // 100))
+
+    def wrapper(self) -> list[str]:
+        """Command prefix that joins the group, then execs the server."""
+        return ["sh", "-c", f'echo $$ > {self.path}/cgroup.procs && exec "$@"', "sh"]
+
+    def remove(self) -> None:
+        for _ in range(50):  # the last server may take a moment to be reaped
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+        log(f"could not remove {self.path}")
+
+
 class Server:
     """One DHCP server under test. Subclasses write its config and build its command."""
 
@@ -195,6 +228,8 @@ class Server:
         self.runs = 0
         #: ``taskset -c CPUS`` for the server and everything it starts (empty: no pinning)
         self.pin: list[str] = []
+        #: command prefix outside the namespace (``ip netns exec`` hides /sys/fs/cgroup)
+        self.outer: list[str] = []
 
     # hooks
     def prepare(self) -> None:
@@ -221,7 +256,8 @@ class Server:
         self.logfile = self.state / "server.log"
         out = open(self.logfile, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.bed.srv_ns, *self.pin, *self.command(self.state)],
+            [*self.outer, "ip", "netns", "exec", self.bed.srv_ns, *self.pin,
+             *self.command(self.state)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env=self.env(self.state), cwd=self.state,
         )
@@ -451,6 +487,9 @@ class LevelResult:
     #: with --pin: CPU time of everything else on the server's CPUs (other users' work,
     #: interrupts), 100 = one core; what the server could not have used
     other_percent: float | None = None
+    #: with --pin: how busy perfdhcp's CPUs were (all users), 100 = one core; at 100 the
+    #: load generator, not the server, sets the pace
+    client_percent: float | None = None
     cli_rcvbuf_drops: int = 0  # UDP datagrams dropped at perfdhcp's full socket
     srv_rcvbuf_drops: int = 0  # UDP datagrams dropped at the server's full socket
     wall: float = 0.0
@@ -459,6 +498,14 @@ class LevelResult:
     @property
     def dora_per_s(self) -> float:
         return self.ra.received / self.duration
+
+    @property
+    def cpu_us_per_dora(self) -> float | None:
+        """Server CPU time per completed exchange (µs): what an exchange costs the
+        server, whatever share of a core it got."""
+        if self.cpu_percent is None or not self.ra.received:
+            return None
+        return self.cpu_percent / 100 * self.wall / self.ra.received * 1e6
 
     @property
     def offered_per_s(self) -> float:
@@ -498,7 +545,7 @@ def parse_perfdhcp(text: str) -> tuple[dict[str, Exchange], float | None]:
 
 def run_perfdhcp(bed: Testbed, server: Server, level: str, duration: float, clients: int,
                  unicast: bool, raw_dir: Path, pin: list[str], rep: int,
-                 server_cpus: list[int]) -> LevelResult:
+                 server_cpus: list[int], client_cpus: list[int]) -> LevelResult:
     rate = None if level == "flood" else int(level)
     cmd = ["ip", "netns", "exec", bed.cli_ns, *pin, "perfdhcp", "-4", "-l", bed.cli_if,
            "-R", str(clients), "-p", f"{duration:g}"]
@@ -510,6 +557,7 @@ def run_perfdhcp(bed: Testbed, server: Server, level: str, duration: float, clie
     assert server.proc is not None
     cli0, srv0 = bed.udp_rcvbuf_errors(bed.cli_ns), bed.udp_rcvbuf_errors(bed.srv_ns)
     busy0 = busy_seconds(server_cpus) if server_cpus else 0.0
+    cbusy0 = busy_seconds(client_cpus) if client_cpus else 0.0
     cpu0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
@@ -523,6 +571,8 @@ def run_perfdhcp(bed: Testbed, server: Server, level: str, duration: float, clie
         if server_cpus:
             busy = busy_seconds(server_cpus) - busy0
             res.other_percent = max(0.0, 100 * (busy - used) / res.wall)
+        if client_cpus:
+            res.client_percent = 100 * (busy_seconds(client_cpus) - cbusy0) / res.wall
     else:
         res.error = f"{server.name} died during the run:\n{server.log_tail()}"
     res.cli_rcvbuf_drops = bed.udp_rcvbuf_errors(bed.cli_ns) - cli0
@@ -567,10 +617,11 @@ def print_details(results: list[LevelResult], collapse_level: str | None) -> Non
           "actually sent per second;\n srv full / cli full = UDP datagrams the kernel dropped "
           "because the server's / perfdhcp's socket buffer was full;\n other = CPU time of "
           "everything but the server on the server's CPUs (with --pin; other users' work, "
-          "interrupts): 100% = one core)")
+          "interrupts): 100% = one core;\n us/DORA = server CPU time per completed exchange; "
+          "cli CPU = how busy perfdhcp's CPUs were (with --pin), 100% = one core)")
     head = (f"{'server':<10} {'level':>13} {'rep':>3} {'offered/s':>10} {'OFFER rx':>9} "
             f"{'REQ tx':>9} {'ACK rx':>9} {'DORA/s':>8} {'DO ms':>7} {'RA ms':>7} {'srv CPU':>8} "
-            f"{'srv full':>9} {'cli full':>9} {'other':>6}")
+            f"{'srv full':>9} {'cli full':>9} {'other':>6} {'us/DORA':>8} {'cli CPU':>8}")
     print(head)
     print("-" * len(head))
     for r in results:
@@ -582,11 +633,44 @@ def print_details(results: list[LevelResult], collapse_level: str | None) -> Non
                                                                r.ra.avg_delay_ms)]
         cpu = "-" if r.cpu_percent is None else f"{r.cpu_percent:.0f}%"
         other = "-" if r.other_percent is None else f"{r.other_percent:.0f}%"
+        cost = "-" if r.cpu_us_per_dora is None else f"{r.cpu_us_per_dora:.0f}"
+        client = "-" if r.client_percent is None else f"{r.client_percent:.0f}%"
         print(f"{r.server:<10} {level_label(r.level, collapse_level):>13} {r.rep:>3} "
               f"{r.offered_per_s:>10,.0f} {r.do.received:>9,} {r.ra.sent:>9,} "
               f"{r.ra.received:>9,} {r.dora_per_s:>8,.0f} {delay[0]:>7} {delay[1]:>7} "
-              f"{cpu:>8} {r.srv_rcvbuf_drops:>9,} {r.cli_rcvbuf_drops:>9,} {other:>6}"
+              f"{cpu:>8} {r.srv_rcvbuf_drops:>9,} {r.cli_rcvbuf_drops:>9,} {other:>6} "
+              f"{cost:>8} {client:>8}"
               + ("  (!) " + r.error.splitlines()[0] if r.error else ""))
+
+
+def print_costs(by: dict[tuple[str, str], list[LevelResult]], levels: list[str],
+                cols: list[str], collapse_level: str | None) -> None:
+    """Median server CPU per completed exchange, and how busy the load generator's CPUs
+    were, per level: a server's cost per exchange does not depend on the share of a core
+    it got, so it compares servers where the rate is set by the load generator."""
+    print("\nServer CPU per completed DORA, median us (lower is cheaper); cli CPU: median "
+          "busy share of perfdhcp's CPUs (with --pin)")
+    head = f"{'offered DORA/s':>16}" + "".join(f" {LABELS[n] + ' us':>14}" for n in cols) + (
+        f" {'appliance/Kea':>14}" + "".join(f" {LABELS[n] + ' cli':>14}" for n in cols))
+    print(head)
+    print("-" * len(head))
+    for level in levels:
+        row = f"{level_label(level, collapse_level):>16}"
+        costs: dict[str, float] = {}
+        for n in cols:
+            vals = [c for r in by.get((n, level), []) if not r.error
+                    and (c := r.cpu_us_per_dora) is not None]
+            if vals:
+                costs[n] = statistics.median(vals)
+            row += f" {(f'{costs[n]:.0f}' if n in costs else '-'):>14}"
+        ratio = (f"{costs['appliance'] / costs['kea']:.2f}"
+                 if "appliance" in costs and costs.get("kea") else "-")
+        row += f" {ratio:>14}"
+        for n in cols:
+            vals = [c for r in by.get((n, level), []) if not r.error
+                    and (c := r.client_percent) is not None]
+            row += f" {(f'{statistics.median(vals):.0f}%' if vals else '-'):>14}"
+        print(row)
 
 
 def median_rate(runs: list[LevelResult]) -> float | None:
@@ -640,12 +724,18 @@ def main() -> int:  # noqa: C901 - a linear script
                     help="run every level N times for every server (back to back, the "
                     "servers' order reversed every other time) and report the median and "
                     "the range (default 1)")
+    ap.add_argument("--server-cpu", type=int, metavar="PCT",
+                    help="cap every server (with all it starts) at PCT%% of one core with a "
+                    "cgroup CPU quota, so the server and not the load generator sets the "
+                    "pace; the same cap for all servers (use with --pin)")
     ap.add_argument("--pin", metavar="CLIENT:SERVER",
                     help="CPU lists for taskset: perfdhcp on CLIENT, every server (and all "
                     "it starts) on SERVER, e.g. 0:1; the same for all servers")
     args = ap.parse_args()
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
+    if args.server_cpu is not None and not 5 <= args.server_cpu <= 100:
+        ap.error("--server-cpu must be between 5 and 100 (percent of one core)")
     pin_client: list[str] = []
     pin_server: list[str] = []
     if args.pin:
@@ -654,6 +744,7 @@ def main() -> int:  # noqa: C901 - a linear script
             ap.error(f"bad --pin {args.pin!r} (want CLIENT:SERVER CPU lists, e.g. 0:1)")
         pin_client, pin_server = ["taskset", "-c", cpus[0]], ["taskset", "-c", cpus[1]]
     server_cpus = cpu_list(args.pin.split(":")[1]) if args.pin else []
+    client_cpus = cpu_list(args.pin.split(":")[0]) if args.pin else []
 
     duration = args.duration or (4.0 if args.quick else 10.0)
     levels = (args.rates.split(",") if args.rates
@@ -689,6 +780,7 @@ def main() -> int:  # noqa: C901 - a linear script
     raw_dir = work / "perfdhcp"
     raw_dir.mkdir()
     bed = Testbed()
+    quota: CpuQuota | None = None
     servers: dict[str, Server] = {}
     results: list[LevelResult] = []
     failed: dict[str, str] = {}
@@ -703,6 +795,8 @@ def main() -> int:  # noqa: C901 - a linear script
     signal.signal(signal.SIGTERM, on_signal)
     try:
         bed.up()
+        if args.server_cpu is not None:
+            quota = CpuQuota(args.server_cpu)
         for name in wanted:
             if name == "appliance":
                 servers[name] = Appliance(bed, work, args.python)
@@ -711,6 +805,7 @@ def main() -> int:  # noqa: C901 - a linear script
             else:
                 servers[name] = Kea(bed, work)
             servers[name].pin = pin_server
+            servers[name].outer = quota.wrapper() if quota else []
         for name, srv in list(servers.items()):
             try:
                 srv.prepare()
@@ -745,7 +840,7 @@ def main() -> int:  # noqa: C901 - a linear script
                     try:
                         res = run_perfdhcp(bed, srv, level, duration, args.clients,
                                            args.unicast, raw_dir, pin_client, rep,
-                                           server_cpus)
+                                           server_cpus, client_cpus)
                     finally:
                         srv.stop()
                     results.append(res)
@@ -772,6 +867,8 @@ def main() -> int:  # noqa: C901 - a linear script
     finally:
         for srv in servers.values():
             srv.stop()
+        if quota is not None:
+            quota.remove()
         bed.down()
         if args.keep:
             log(f"kept {work}")
@@ -794,7 +891,10 @@ def main() -> int:  # noqa: C901 - a linear script
     print(f"repetitions per level: {args.repeat}"
           + (" (figures: median (min-max) of the repetitions)" if args.repeat > 1 else "")
           + "; CPU pinning: " + (f"perfdhcp on CPU {pin_client[2]}, every server on CPU "
-                                 f"{pin_server[2]}" if args.pin else "none"))
+                                 f"{pin_server[2]}" if args.pin else "none")
+          + ("; every server capped at "
+             f"{args.server_cpu}% of one core (cgroup CPU quota, 10 ms periods)"
+             if args.server_cpu is not None else ""))
     print(f"server state (leases) in {'/dev/shm (tmpfs)' if args.tmpfs else work.parent} "
           f"({fs_type(work.parent)})")
     for name in shown:
@@ -851,6 +951,8 @@ def main() -> int:  # noqa: C901 - a linear script
         print("(appliance/Kea: ratio of the medians; pairs: lowest and highest appliance/Kea of "
               "the repetitions, each pair run back to back; '!' after a range: some "
               "repetitions failed)")
+
+    print_costs(by, all_levels, cols, collapse_level)
 
     # ---------------------------------------------------------------- bars
     print("\nBars (issue 2):" + (" on the medians of the repetitions" if args.repeat > 1

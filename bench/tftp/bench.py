@@ -37,6 +37,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CPUACCT = Path("/sys/fs/cgroup/cpuacct")
+#: cgroup v1 cpu controller: --server-cpu caps each server with a CFS quota here
+CPU_CTL = Path("/sys/fs/cgroup/cpu")
+QUOTA_PERIOD_US = 10_000
 MiB = 1024 * 1024
 CASES = [  # (file, size MiB, clients)
     ("1m.bin", 1, 1), ("1m.bin", 1, 20), ("1m.bin", 1, 100), ("32m.bin", 32, 1),
@@ -168,6 +171,15 @@ class Bench:
             self.cgroups[name] = cg
         except OSError:
             pass
+        if self.args.server_cpu is not None:
+            # Scheduling: the same CPU cap for every server, all its processes included.
+            cap = CPU_CTL / f"{self.srv}-{name}"
+            cap.mkdir()
+            self.cgroups[f"cap-{name}"] = cap
+            (cap / "cpu.cfs_period_us").write_text(str(QUOTA_PERIOD_US))
+            (cap / "cpu.cfs_quota_us").write_text(
+                str(QUOTA_PERIOD_US * self.args.server_cpu // 100))
+            (cap / "cgroup.procs").write_text(str(self.procs[name].pid))
 
     def start_servers(self) -> None:
         s_hpa = SERVERS["tftpd-hpa"][0]
@@ -408,7 +420,12 @@ def main() -> int:
                     help="also run the appliance from another source tree (e.g. a copy of "
                     "the previous commit) as server 'baseline', for A/B in the same run")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--server-cpu", type=int, metavar="PCT",
+                    help="cap every server (all its processes) at PCT%% of one core with a "
+                    "cgroup-v1 CPU quota (10 ms periods), so the clients do not set the pace")
     args = ap.parse_args()
+    if args.server_cpu is not None and not 5 <= args.server_cpu <= 200:
+        ap.error("--server-cpu must be between 5 and 200 (percent of one core)")
     if args.client:
         return client_main(args)
     if os.geteuid() != 0:
@@ -428,6 +445,9 @@ def main() -> int:
         bench.setup()
         print(f"# load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} "
               f"{os.getloadavg()[2]:.2f}", flush=True)
+        if args.server_cpu is not None:
+            print(f"# every server capped at {args.server_cpu}% of one core (cgroup CPU "
+                  "quota, 10 ms periods)", flush=True)
         print(f"# {os.cpu_count()} CPUs, appliance tftp.workers={args.workers} "
               f"(0 = one per CPU), {args.reps} reps, median; client: atftp, all clients "
               "started at once; MiB/s = clients x file size / wall time; CPU s = the "
